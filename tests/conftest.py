@@ -1,0 +1,43 @@
+"""Shared test fixtures. One local Ray cluster per test session (Ray start-up is slow), started with
+an explicit logical CPU count; every test that uses Ray declares its tasks', actors' and workers'
+CPU shares so they fit in it."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# the dataset mirror beside the checkout (../shared/datasets); tests never touch the network
+DEFAULT_MIRROR = REPO.parent / "shared" / "datasets"
+RAY_TEST_CPUS = 4  # logical CPUs: 2 train workers + room for data tasks/actors on a 2-core machine
+
+
+@pytest.fixture(scope="session")
+def mirror_dir():
+    path = Path(os.environ.get("NANOCHAT_MIRROR", DEFAULT_MIRROR))
+    if not (path / "MANIFEST.md").is_file():
+        pytest.fail(f"dataset mirror not found at {path}: set NANOCHAT_MIRROR to the shared datasets folder")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, mirror_dir, monkeypatch):
+    """Every test writes under its own base dir and reads data from the mirror only."""
+    monkeypatch.setenv("NANOCHAT_MIRROR", str(mirror_dir))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path_factory.mktemp("base")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(mirror_dir):
+    """A local Ray cluster shared by the whole test session."""
+    import ray
+    env_vars = {
+        "NANOCHAT_MIRROR": str(mirror_dir),
+        # Ray Train's controller polls every 2 s by default: report() would cost ~2 s per call
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    }
+    os.environ.update(env_vars)
+    ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, runtime_env={"env_vars": env_vars},
+             object_store_memory=1 << 30, log_to_driver=True)
+    yield ray
+    ray.shutdown()
