@@ -41,3 +41,26 @@ def ray_cluster(mirror_dir):
              object_store_memory=1 << 30, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def mirror_texts(mirror_dir, max_chars, shard="shard_00000.parquet"):
+    """Real documents from one mirror pretraining shard (read directly: no project code involved)."""
+    import pyarrow.parquet as pq
+    texts, total = [], 0
+    for batch in pq.ParquetFile(Path(mirror_dir) / "pretrain" / shard).iter_batches(columns=["text"], batch_size=256):
+        for text in batch.column("text").to_pylist():
+            texts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                return texts
+    return texts
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(mirror_dir, tmp_path_factory):
+    """A real tokenizer (vocab 1024) trained by rustbpe on ~300k characters of the mirror, saved to disk;
+    returns (tokenizer, directory)."""
+    from nanochat.tokenizer import Tokenizer
+    tokenizer = Tokenizer.train_from_iterator(mirror_texts(mirror_dir, 300_000), vocab_size=1024)
+    directory = tokenizer.save(tmp_path_factory.mktemp("tokenizer"))
+    return tokenizer, directory
