@@ -209,22 +209,39 @@ def read_rows(path, columns=None):
     and the line (JSONL) or row (parquet), for error messages."""
     path = Path(path)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        yield from _parquet_rows(path, columns)
+        return
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                yield f"{path}:{lineno}", row
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise _unreadable(path, e) from e
+
+
+def _parquet_rows(path, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        batches = pq.ParquetFile(path).iter_batches(columns=columns)
         n = 0
-        for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+        for batch in batches:
             for row in batch.to_pylist():
                 n += 1
                 yield f"{path}, row {n}", row
-        return
-    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            yield f"{path}:{lineno}", row
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path, e):
+    # e.g. a download cut short, or an error page saved as data: deleting the file fetches it again
+    return TaskDataError(f"{path}: unreadable ({type(e).__name__}: {e}); if it was downloaded, delete it to fetch it again")
 
 
 def validate_conversation(conversation):

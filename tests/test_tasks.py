@@ -368,3 +368,45 @@ def test_downloads_go_to_task_data_without_mirror(monkeypatch, tmp_path):
     assert (get_base_dir() / "task_data" / "raw.githubusercontent.com" / "openai" / "grade-school-math").is_dir()
     GSM8K("test")  # cached: no second request
     assert len(urls) == 1
+
+
+def parquet_bytes(rows):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+def test_hugging_face_parquet_sources(monkeypatch):
+    """Without the mirror, ARC/MMLU/SmolTalk read the Hugging Face parquet exports (row formats as there)."""
+    import requests
+    arc_row = {"id": "q1", "question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]}, "answerKey": "B"}
+    mmlu_row = {"question": "2+2?", "subject": "", "choices": ["3", "4", "5", "6"], "answer": 1}
+    chat = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    files = {
+        "https://huggingface.co/datasets/allenai/ai2_arc/resolve/main/ARC-Challenge/validation-00000-of-00001.parquet": [arc_row],
+        "https://huggingface.co/datasets/cais/mmlu/resolve/main/all/auxiliary_train-00000-of-00001.parquet": [{"train": mmlu_row}],
+        **{f"https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-0000{i}-of-00004.parquet": [chat] * (i + 1) for i in range(4)},
+    }
+    monkeypatch.delenv("NANOCHAT_MIRROR")
+    monkeypatch.setattr(requests, "get", lambda url, **kwargs: FakeResponse(200, parquet_bytes(files[url])) if url in files else FakeResponse(404))
+    arc = ARC("ARC-Challenge", "validation")
+    assert arc[0]["letters"] == ["A", "B", "C"] and arc[0]["messages"][1]["content"] == "B" and arc[0]["id"] == "q1"
+    mmlu = MMLU("auxiliary_train")
+    assert len(mmlu) == 1 and mmlu[0]["messages"][1]["content"] == "B" and "2+2?" in mmlu[0]["messages"][0]["content"]
+    smoltalk = SmolTalk("train")
+    assert len(smoltalk) == 1 + 2 + 3 + 4 and smoltalk[0] == chat
+    with pytest.raises(TaskDataError, match="HTTP 404"):
+        SmolTalk("test")
+
+
+def test_unreadable_files_are_named(tmp_path):
+    from tasks.common import read_rows
+    for name in ("data.parquet", "data.jsonl.gz"):
+        path = tmp_path / name
+        path.write_bytes(b"<html>not found</html>")
+        with pytest.raises(TaskDataError, match=f"{path}: unreadable"):
+            list(read_rows(path))
