@@ -176,7 +176,7 @@ class Tokenizer:
         assistant text, assistant python tool calls (delimiters included) and <|assistant_end|>; 0 on
         BOS, user turns, <|assistant_start|> and tool outputs (the tool produces those, not the model).
         A leading system message is merged into the first user turn. Truncated to max_tokens."""
-        messages = _validated_messages(conversation)
+        messages = validate_conversation(conversation)
         ids, mask = [], []
 
         def add(token_ids, m):
@@ -224,8 +224,10 @@ class Tokenizer:
         return "|".join(f"{green if m else grey}{self.id_to_token(t)}{reset}" for t, m in zip(ids, mask))
 
 
-def _validated_messages(conversation):
-    """Check the structure and roles; merge a leading system message into the first user turn."""
+def validate_conversation(conversation):
+    """Raise ConversationError unless the roles alternate user/assistant (after an optional leading
+    system message), no turn is empty and assistant parts are well formed. Returns the messages with
+    the system message merged into the first user turn."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
         raise ConversationError("a conversation is a dict with a 'messages' list")
     messages = conversation["messages"]

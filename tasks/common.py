@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from nanochat.common import atomic_write, get_base_dir, get_mirror_dir
-from nanochat.tokenizer import _validated_messages
+from nanochat.tokenizer import validate_conversation
 
 logger = logging.getLogger("nanochat.tasks")
 
@@ -242,12 +242,6 @@ def _parquet_rows(path, columns):
 def _unreadable(path, e):
     # e.g. a download cut short, or an error page saved as data: deleting the file fetches it again
     return TaskDataError(f"{path}: unreadable ({type(e).__name__}: {e}); if it was downloaded, delete it to fetch it again")
-
-
-def validate_conversation(conversation):
-    """Raise nanochat.tokenizer.ConversationError (a ValueError) unless the roles alternate
-    user/assistant (after an optional system message), no turn is empty, and the parts are well formed."""
-    _validated_messages(conversation)
 
 
 def load_conversations(paths, convert, columns=None) -> list:

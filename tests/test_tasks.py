@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from nanochat.tokenizer import ConversationError, Tokenizer
+from nanochat.tokenizer import ConversationError, Tokenizer, validate_conversation
 from tasks.arc import ARC, arc_conversation
-from tasks.common import (Task, TaskDataError, TaskMixture, TaskSequence, assistant_text, download_file,
-                          validate_conversation)
+from tasks.common import Task, TaskDataError, TaskMixture, TaskSequence, assistant_text, download_file
 from tasks.customjson import IDENTITY_CONVERSATIONS, CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer
 from tasks.humaneval import HumanEval, extract_code
