@@ -65,8 +65,7 @@ impl Tokenizer {
             return Err(PyValueError::new_err(format!("buffer_size must be at least 1, got {buffer_size}")));
         }
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
-        let splitter = Splitter::new(&pattern)
-            .map_err(|e| PyValueError::new_err(format!("invalid pattern {pattern:?}: {e}")))?;
+        let splitter = make_splitter(&pattern)?;
 
         let mut log = Progress::new();
         let counts = count_chunks(py, iterator, &splitter, buffer_size as usize, &mut log)?;
@@ -101,7 +100,7 @@ impl Tokenizer {
             self.splitter.for_each_chunk(text, |chunk| self.encode_chunk(chunk.as_bytes(), &mut ids))?;
             Ok(ids)
         })
-        .map_err(|e: String| PyValueError::new_err(format!("splitting failed: {e}")))
+        .map_err(split_error)
     }
 
     /// Number of tokens: 256 bytes + merges.
@@ -134,6 +133,15 @@ impl Tokenizer {
     }
 }
 
+fn make_splitter(pattern: &str) -> PyResult<Splitter> {
+    Splitter::new(pattern).map_err(|e| PyValueError::new_err(format!("invalid pattern {pattern:?}: {e}")))
+}
+
+/// Splitting only fails inside fancy-regex (e.g. its backtrack limit, on a custom pattern).
+fn split_error(e: String) -> PyErr {
+    PyValueError::new_err(format!("splitting failed: {e}"))
+}
+
 /// Reads the iterator into buffers and counts each buffer's chunks with the GIL released.
 fn count_chunks(
     py: Python<'_>,
@@ -146,8 +154,7 @@ fn count_chunks(
     let mut buffer: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16));
     let (mut n_texts, mut n_bytes) = (0usize, 0usize);
     let mut flush = |py: Python<'_>, buffer: &mut Vec<String>| -> PyResult<()> {
-        py.detach(|| counts.add_texts(splitter, buffer))
-            .map_err(|e| PyValueError::new_err(format!("splitting failed: {e}")))?;
+        py.detach(|| counts.add_texts(splitter, buffer)).map_err(split_error)?;
         buffer.clear();
         py.check_signals()
     };
@@ -239,9 +246,20 @@ impl Progress {
     }
 }
 
+/// The chunks that `pattern` (default: DEFAULT_PATTERN) cuts `text` into, exactly as training
+/// sees them. For tests and debugging.
+#[pyfunction]
+#[pyo3(signature = (text, pattern=None))]
+fn split_text(text: &str, pattern: Option<&str>) -> PyResult<Vec<String>> {
+    let pattern = pattern.unwrap_or(DEFAULT_PATTERN);
+    let chunks = make_splitter(pattern)?.chunks(text).map_err(split_error)?;
+    Ok(chunks.into_iter().map(String::from).collect())
+}
+
 #[pymodule]
 fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
+    m.add_function(wrap_pyfunction!(split_text, m)?)?;
     m.add("DEFAULT_PATTERN", DEFAULT_PATTERN)?;
     Ok(())
 }
