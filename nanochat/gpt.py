@@ -65,9 +65,14 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+@torch.compiler.assume_constant_result  # lets torch.compile treat it as a constant (no graph break)
+def cuda_supports_bf16():
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def autocast_for(device):
     """bf16 autocast on GPUs that support it (tensor cores), plain fp32 elsewhere (CPU)."""
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = device.type == "cuda" and cuda_supports_bf16()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
@@ -89,6 +94,9 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+        # autocast may run the norm in fp32: bring q, k back to v's dtype (bf16 on GPU) so that attention
+        # and the KV cache stay in one dtype
+        q, k = q.to(v.dtype), k.to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         Tq = T
         if kv_cache is not None:

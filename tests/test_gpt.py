@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from nanochat import gpt
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig, create_model
 
@@ -88,6 +89,25 @@ def test_kv_cache_matches_full_forward(chunks):
         start += n
     assert cache.get_pos() == idx.size(1) and cache.kv.size(4) >= idx.size(1)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=KV_ATOL, rtol=0)
+
+
+def test_bf16_autocast_path(monkeypatch):
+    """The GPU path (bf16 autocast), exercised on CPU: bf16 activations and KV cache, fp32 logits and grads."""
+    model = random_model()
+    idx = torch.randint(0, VOCAB, (2, 12))
+    fp32_logits = model(idx)
+    monkeypatch.setattr(gpt, "autocast_for", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    logits = model(idx)
+    assert logits.dtype == torch.float32
+    cache = KVCache.for_model(model, batch_size=2, seq_len=12)
+    cached = torch.cat([model(idx[:, :5], kv_cache=cache), model(idx[:, 5:], kv_cache=cache)], dim=1)
+    assert cache.kv.dtype == torch.bfloat16
+    torch.testing.assert_close(cached, logits, atol=0.1, rtol=0)  # bf16: ~2-3 significant digits
+    diff = (logits - fp32_logits).abs().max()
+    assert 0 < diff < 0.1  # it really ran in bf16, and close to fp32
+    model.train()
+    model(idx, idx).backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_kv_cache_prefill_into_batch():
