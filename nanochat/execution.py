@@ -2,29 +2,35 @@
 
     result = execute_code("print(1 + 1)")   # ExecutionResult(success=True, stdout="2\\n", ...)
 
-Each call writes the code to a fresh temporary directory, starts `python -I -S` on this very file
-in it (empty environment, new session) and kills the whole process group when the wall-clock
-timeout passes; captured output is capped. Before running the code the child locks itself in with
-every layer the kernel lets it use. The operating system is the barrier, not patched Python:
+Each call writes the code to a fresh temporary directory (removed afterwards), starts
+`python -I -S` on this very file in it (empty environment, new session) and kills the whole process
+group when the wall-clock timeout passes; captured output is capped. Before running the code, the
+child locks itself in with every layer the kernel lets it use (Linux only). The operating system is
+the barrier; Python is not patched:
 
-1. namespaces (unshare): new network namespace (no interface but a downed loopback: no network),
-   new pid namespace (the code is pid 1 and sees no other process), mount, ipc and uts
-   namespaces; a user namespace too when not started as root.
-2. read-only file system view: in the mount namespace every mount is remounted read-only,
-   nosuid and nodev, except the working directory; a fresh read-only /proc shows only the sandbox.
-3. landlock (unprivileged LSM): reads only beneath the Python install, /usr, /lib* and the
-   working directory; writes, deletes and renames only in the working directory; no TCP
-   bind/connect (ABI >= 4); no signals to, nor abstract unix sockets of, processes outside
-   (ABI >= 6).
-4. no privileges: started as root, the code runs as nobody (uid 65534) when the interpreter is
-   readable by nobody, otherwise as uid 0 without any capability (empty bounding set too).
-5. seccomp filter (x86_64): fork/vfork/exec, non-thread clone, socket, ptrace, kill/tgkill of other
-   pids, setsid/setpgid, mount/unshare/setns, bpf, io_uring, keyctl, ... fail with EPERM.
-6. rlimits: address space (memory limit), CPU seconds, file size (16 MiB), open files, no cores.
+- namespaces: new network (only a downed loopback), pid (the code is pid 1 and sees no other
+  process), mount, ipc and uts namespaces; also a user namespace when not started as root.
+- read-only view: in the mount namespace every mount is remounted read-only, nosuid and nodev, but
+  for a bind mount of the working directory; a fresh /proc shows only the sandbox.
+- landlock LSM: reads only beneath the Python install, /usr, /lib* and the working directory;
+  writes, deletes and renames only in the working directory; no TCP (ABI >= 4); no signals to, nor
+  abstract unix sockets of, processes outside (ABI >= 6).
+- no privileges: started as root, the code runs as nobody (uid 65534); when Python is installed
+  where nobody may not enter (/root/.pyenv, uv's ~/.local/share/uv), that directory is covered by an
+  empty tmpfs into which only the interpreter is bound back. Without a mount namespace it then
+  stays uid 0, but without any capability. Other users keep their uid, without capabilities.
+- seccomp (x86_64): fork, vfork, exec, clone of anything but a thread, socket, ptrace, signals and
+  scheduling calls aimed at other pids, setsid, mount, unshare, setns, bpf, io_uring, keyctl, ...
+  fail with EPERM.
+- rlimits: address space (the memory limit), CPU seconds, 16 MiB per file, 256 open files, no core
+  files; no new processes at all (RLIMIT_NPROC=0, ignored for uid 0) when seccomp is unavailable.
 
-The layers overlap on purpose: each threat above is stopped by at least two of them. Where one
-is unavailable (containers often forbid unshare; old kernels lack landlock; seccomp tables exist
-for x86_64 only) it is skipped, `sandbox_report()` says why, and the first call logs a warning.
+So, threat by threat: network - net namespace, seccomp, landlock; spawning processes - seccomp (or
+RLIMIT_NPROC); signalling or tracing other processes - pid namespace, seccomp, landlock, uid;
+writing or deleting outside the working directory - read-only mounts, landlock, uid; reading the
+caller's secrets - empty environment, private /proc, landlock, uid. Layers the machine lacks
+(containers often forbid unshare, older kernels lack landlock) are skipped; `sandbox_report()` says
+which and why, and the first call logs a warning.
 
 What it does NOT protect against:
 - kernel exploits (seccomp only narrows the attack surface) and CPU, cache or timing side channels;
@@ -96,10 +102,46 @@ def _mounts():
             yield os.fsdecode(mountpoint), sum(MOUNT_OPTION_FLAGS.get(o, 0) for o in fields[5].decode().split(","))
 
 
+def interpreter_dirs():
+    return sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)})
+
+
+def closed_dir(path):
+    """The first directory on the way to `path` that others may not enter, or `path` itself if they
+    may not read it; None when others may use `path`."""
+    parts = path.rstrip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        directory, need = "/".join(parts[:i]) or "/", 0o005 if i == len(parts) else 0o001
+        if os.stat(directory).st_mode & need != need:
+            return directory
+    return None
+
+
+def show_interpreter_to_nobody(workdir):
+    """Python installed where others may not enter (root's /root/.pyenv or ~/.local/share/uv): cover
+    the closed directory with an empty tmpfs and bind the interpreter back into it, so that the code
+    can run as nobody (and the rest of that directory is hidden)."""
+    keep = {}
+    for path in interpreter_dirs():
+        closed = closed_dir(path)
+        if closed and closed != path and not (workdir + "/").startswith(closed + "/"):
+            keep[path] = (closed, os.open(path, os.O_PATH | os.O_CLOEXEC))
+    for closed in {closed for closed, _ in keep.values()}:
+        _check(LIBC.mount(b"tmpfs", os.fsencode(closed), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=755,size=64k"),
+               f"cover {closed}")
+    for path, (_, fd) in keep.items():
+        os.makedirs(path, exist_ok=True)
+        _check(LIBC.mount(f"/proc/self/fd/{fd}".encode(), os.fsencode(path), None, MS_BIND | MS_REC, None),
+               f"bind {path}")
+        os.close(fd)
+
+
 def make_filesystem_read_only(workdir):
     """Remount every mount read-only, nosuid, nodev except a bind mount of the working directory;
     then mount a fresh /proc that shows only this pid namespace."""
     _check(LIBC.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    if os.getuid() == 0:
+        show_interpreter_to_nobody(workdir)
     _check(LIBC.mount(os.fsencode(workdir), os.fsencode(workdir), None, MS_BIND, None), "bind workdir")
     os.chdir(workdir)  # onto the bind mount: the old working directory is on a mount about to turn read-only
     failed = []
@@ -107,11 +149,12 @@ def make_filesystem_read_only(workdir):
         flags |= MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (0 if mountpoint == workdir else MS_RDONLY)
         if LIBC.mount(None, os.fsencode(mountpoint), None, flags, None) != 0:
             failed.append(mountpoint)
+    failed = [f"{mountpoint} still writable" for mountpoint in failed]
     proc_flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
-    if LIBC.mount(b"proc", b"/proc", b"proc", proc_flags, None) != 0:
-        _check(LIBC.mount(b"tmpfs", b"/proc", b"tmpfs", proc_flags, None), "hide /proc")
-        failed.append("/proc (hidden by an empty tmpfs instead)")
-    return f"partial: still writable: {', '.join(failed)}" if failed else "on"
+    if (LIBC.mount(b"proc", b"/proc", b"proc", proc_flags, None) != 0  # else hide the host's /proc
+            and LIBC.mount(b"tmpfs", b"/proc", b"tmpfs", proc_flags, None) != 0):
+        failed.append("/proc shows the host's processes")
+    return f"partial: {', '.join(failed)}" if failed else "on"
 
 
 def set_limits(memory_bytes, timeout):
@@ -139,10 +182,6 @@ class _LandlockRuleset(ctypes.Structure):
 class _LandlockPathBeneath(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-def interpreter_dirs():
-    return [os.path.realpath(p) for p in {sys.base_prefix, sys.base_exec_prefix}]
 
 
 def apply_landlock(workdir):
@@ -173,19 +212,12 @@ def apply_landlock(workdir):
     return "on" if abi >= 6 else f"partial: landlock ABI {abi} (< 6: signals{'' if abi >= 4 else ', tcp'} not scoped)"
 
 
-def _nobody_can_use(path):
-    """True when others may traverse every directory down to `path` and read it."""
-    parts = path.split("/")
-    dirs = ["/".join(parts[:i]) or "/" for i in range(1, len(parts))]
-    return all(os.stat(d).st_mode & 0o001 for d in dirs) and os.stat(path).st_mode & 0o005 == 0o005
-
-
 def drop_privileges(workdir):
     for cap in range(64):  # empty the bounding set: even an exec as uid 0 could not regain any
         LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
     status = f"on (uid {os.getuid()}, no capabilities)"
     if os.getuid() == 0:
-        blocked = [p for p in interpreter_dirs() if not _nobody_can_use(p)]
+        blocked = [p for p in interpreter_dirs() if closed_dir(p)]
         if blocked:
             status = f"partial: stays uid 0 without capabilities: nobody cannot read {', '.join(blocked)}"
         else:
@@ -290,7 +322,6 @@ def sandbox_main(mode, memory_bytes, timeout):
         import json
         print(json.dumps(report))
         return
-    del mode, memory_bytes, timeout, workdir, report, f
     main = types.ModuleType("__main__")  # the code runs as a script would: as module __main__
     sys.modules["__main__"], sys.argv = main, ["solution.py"]
     try:
@@ -408,8 +439,8 @@ def _run_sandboxed(mode, code, timeout, maximum_memory_bytes):
 
 
 def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: int | None = 256 * 2**20) -> ExecutionResult:
-    """Run `code` as a script in the sandbox; `maximum_memory_bytes` bounds its address space (None:
-    no bound). Thread-safe; uses no signal handlers."""
+    """Run `code` as a script in the sandbox, for at most `timeout` wall-clock seconds, with at most
+    `maximum_memory_bytes` of address space (None: unbounded). Safe to call from any thread."""
     _warn_once_if_degraded()
     returncode, stdout, stderr, timed_out = _run_sandboxed("run", code, timeout, maximum_memory_bytes)
     result = ExecutionResult(returncode == 0 and not timed_out, stdout, stderr)
