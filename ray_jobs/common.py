@@ -1,0 +1,78 @@
+"""Ray glue shared by the phase scripts: connecting to (or starting) Ray, running a phase function
+as a Ray task with the project's environment, and phase completion markers for resumable pipelines."""
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from nanochat.common import atomic_write_text, get_base_dir
+
+logger = logging.getLogger("nanochat.ray")
+
+# environment every Ray task/worker of a run needs to see the same files as the driver
+PROJECT_ENV_VARS = ("NANOCHAT_BASE_DIR", "NANOCHAT_MIRROR", "NANOCHAT_PRETRAIN_URL")
+
+
+def project_env() -> dict:
+    env = {k: os.environ[k] for k in PROJECT_ENV_VARS if os.environ.get(k)}
+    env.setdefault("NANOCHAT_BASE_DIR", str(get_base_dir()))
+    # Ray Train's controller polls its workers every 2 s by default, which makes every report() cost ~2 s
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"))
+    return env
+
+
+def init_ray(num_cpus=None):
+    """Attach to a running cluster (RAY_ADDRESS, or a local `ray start --head`), else start a local
+    Ray with an explicit logical CPU count. Returns the cluster's resources."""
+    import ray
+    if not ray.is_initialized():
+        env = {"env_vars": project_env()}
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=env, log_to_driver=True)
+            logger.info("connected to the running Ray cluster")
+        except ConnectionError:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), runtime_env=env)
+            logger.info("started a local Ray (%s logical CPUs)", num_cpus or os.cpu_count())
+    return ray.cluster_resources()
+
+
+def _with_env(env, fn, *args, **kwargs):
+    os.environ.update(env)
+    return fn(*args, **kwargs)
+
+
+def run_task(fn, *args, num_cpus=1, num_gpus=0, name=None, **kwargs):
+    """Run fn(*args, **kwargs) as a Ray task with the driver's project environment; return its result."""
+    import ray
+    task = ray.remote(_with_env).options(num_cpus=num_cpus, num_gpus=num_gpus, name=name or fn.__name__, max_retries=1)
+    return ray.get(task.remote(project_env(), fn, *args, **kwargs))
+
+
+class PhaseLog:
+    """Completion markers of a pipeline run: <dir>/<phase>.done holds the phase's result, written
+    (atomically) only after the phase's own outputs are complete. A re-run skips marked phases."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+
+    def done(self, phase) -> dict | None:
+        path = self.directory / f"{phase}.done"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def mark(self, phase, result: dict):
+        atomic_write_text(self.directory / f"{phase}.done", json.dumps(result, default=str))
+
+    def run(self, phase, fn, *args, **kwargs):
+        """fn() unless the phase is already marked done; returns (result, skipped)."""
+        previous = self.done(phase)
+        if previous is not None:
+            logger.info("phase %s: already complete, skipped", phase)
+            return previous, True
+        logger.info("phase %s: starting", phase)
+        t0 = time.time()
+        result = dict(fn(*args, **kwargs) or {})
+        result.setdefault("wall_seconds", round(time.time() - t0, 2))
+        self.mark(phase, result)
+        logger.info("phase %s: done in %.1fs", phase, result["wall_seconds"])
+        return result, False

@@ -1,0 +1,101 @@
+"""The main job: raw text -> tokenizer -> ... -> a chat model, with a report card at the end.
+
+    python ray_jobs/speedrun.py                   # on this machine (starts a local Ray if none runs)
+    ray job submit --working-dir . -- python ray_jobs/speedrun.py --preset d20   # on a cluster
+
+Each phase runs as a Ray task or a Ray Train run. A phase is skipped when its completion marker
+exists, so re-running the same command after a crash continues where it stopped (--restart
+starts over). Everything goes under $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
+"""
+import argparse
+import json
+import logging
+import time
+from types import SimpleNamespace
+
+from nanochat.common import get_base_dir, setup_logging
+
+parser = argparse.ArgumentParser(description="nanochat speedrun: the whole pipeline")
+parser.add_argument("--preset", choices=["tiny", "d20", "d26", "d32"], default=None,
+                    help="model/data scale (default: tiny without GPUs, d20 when every node has 8 GPUs)")
+parser.add_argument("--run", default="speedrun", help="run name: markers and the report go under <base>/runs/<run>")
+parser.add_argument("--restart", action="store_true", help="ignore completed phases and run everything again")
+parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray started when none runs")
+
+# Settings per preset. tiny: the whole pipeline on a 2-core CPU machine in minutes.
+PRESETS = {
+    "tiny": dict(num_shards=4, tok_max_chars=20_000_000, vocab_size=8192),
+    "d20": dict(num_shards=240, tok_max_chars=2_000_000_000, vocab_size=65536),
+    "d26": dict(num_shards=450, tok_max_chars=2_000_000_000, vocab_size=65536),
+    "d32": dict(num_shards=800, tok_max_chars=2_000_000_000, vocab_size=65536),
+}
+
+
+def pick_preset(requested, resources):
+    if requested:
+        return requested
+    gpus = resources.get("GPU", 0)
+    if gpus == 0:
+        return "tiny"
+    import ray
+    if all(node["Resources"].get("GPU", 0) == 8 for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU")):
+        return "d20"
+    raise SystemExit(f"this cluster has {gpus:g} GPUs but not 8 per node: pick a scale with --preset (tiny, d20, d26, d32)")
+
+
+def phase_download(num_shards):
+    from nanochat.dataset import download_shards
+    paths = download_shards(num_shards, progress=False)
+    return {"results": {"shards": len(paths), "directory": str(paths[0].parent)}}
+
+
+def phase_tok_train(max_chars, vocab_size):
+    from ray_jobs import tok_train
+    result = tok_train.main(tok_train.parser.parse_args(["--max-chars", str(max_chars), "--vocab-size", str(vocab_size)]))
+    return {"settings": {"max_chars": max_chars, "vocab_size": vocab_size}, "results": result}
+
+
+def phase_tok_eval():
+    from ray_jobs import tok_eval
+    result = tok_eval.main(tok_eval.parser.parse_args([]))
+    names = ["ours", "gpt2", "gpt4"]
+    table = tok_eval.markdown_table(result["bytes_per_token"], [n for n in names if n in result["bytes_per_token"]["english"]])
+    return {"results": {f"bytes_per_token_{k}": v["ours"] for k, v in result["bytes_per_token"].items()},
+            "table": table + "".join(f"\n\n{k}: {v}" for k, v in result["unavailable"].items())}
+
+
+def main(args):
+    log = setup_logging()
+    from nanochat.report import get_report
+    from ray_jobs.common import PhaseLog, init_ray, run_task
+    t0 = time.time()
+    resources = init_ray(args.num_cpus)
+    preset_name = pick_preset(args.preset, resources)
+    preset = SimpleNamespace(**PRESETS[preset_name])
+    run_dir = get_base_dir() / "runs" / args.run
+    phases = PhaseLog(run_dir / "phases")
+    report = get_report(run_dir / "report")
+    if args.restart:
+        for marker in (run_dir / "phases").glob("*.done"):
+            marker.unlink()
+        report.reset()
+    log.info("speedrun %r, preset %s, base dir %s", args.run, preset_name, get_base_dir())
+
+    def phase(name, fn, *fn_args, **task_options):
+        result, skipped = phases.run(name, run_task, fn, *fn_args, name=name, **task_options)
+        if not skipped:
+            report.log(name, result)
+        return result
+
+    phase("download", phase_download, preset.num_shards)
+    phase("tok_train", phase_tok_train, preset.tok_max_chars, preset.vocab_size)
+    phase("tok_eval", phase_tok_eval)
+
+    path = report.generate()
+    summary = {"preset": preset_name, "report": str(path), "wall_seconds": round(time.time() - t0, 1)}
+    log.info("speedrun done: report at %s", path)
+    return summary
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(parser.parse_args())))
