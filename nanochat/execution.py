@@ -3,10 +3,10 @@
     result = execute_code("print(1 + 1)")   # ExecutionResult(success=True, stdout="2\\n", ...)
 
 Each call writes the code to a fresh temporary directory (removed afterwards), starts
-`python -I -S` on this very file in it (empty environment, new session) and kills the whole process
-group when the wall-clock timeout passes; captured output is capped. Before running the code, the
-child locks itself in with every layer the kernel lets it use (Linux only). The operating system is
-the barrier; Python is not patched:
+`python -I -S` there on part 1 of this file (empty environment, new session) and kills the whole
+process group when the wall-clock timeout passes; captured output is capped. Before running the
+code, the child locks itself in with every layer the kernel lets it use (Linux only). The operating
+system is the barrier; Python is not patched:
 
 - namespaces: new network (only a downed loopback), pid (the code is pid 1 and sees no other
   process), mount, ipc and uts namespaces; also a user namespace when not started as root.
