@@ -103,12 +103,32 @@ def train_hf(texts, vocab_size):
     return seconds, list(ranks.items())
 
 
+def cpu_seconds():
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb():
+    """VmHWM of this process (Linux). Not ru_maxrss: that one keeps the parent's peak across exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def worker(args):
     texts = read_texts(args.texts)
     train = train_rustbpe if args.worker == "rustbpe" else train_hf
+    cpu0 = cpu_seconds()
     seconds, ranks = train(texts, args.vocab_size)
+    cpu = cpu_seconds() - cpu0  # less sensitive than wall time to other load on the machine
     write_ranks(args.ranks_out, ranks)
-    print(json.dumps({"seconds": seconds, "vocab_size": len(ranks)}))
+    max_rss_mb = peak_rss_mb()
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "max_rss_mb": max_rss_mb}))
 
 # -----------------------------------------------------------------------------
 # driver side
@@ -152,7 +172,7 @@ def run_worker(python, kind, texts_path, vocab_size, tmp):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with open(ranks_path) as f:
         ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in f)}
-    return result["seconds"], ranks
+    return result, ranks
 
 
 def bytes_per_token(ranks, val_texts):
@@ -171,7 +191,8 @@ def machine_info():
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}  # other work on the machine skews wall times
 
 
 def main(args):
@@ -184,7 +205,7 @@ def main(args):
     peer = peer_python(args.pypi_rustbpe, args.hf_tokenizers) if {"pypi", "hf"} & set(trainers) else None
     pythons = {"ours": (sys.executable, "rustbpe"), "pypi": (peer, "rustbpe"), "hf": (peer, "hf")}
 
-    results = {}
+    results, all_ranks = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         texts_path = os.path.join(tmp, "texts.json")
         with open(texts_path, "w", encoding="utf-8") as f:
@@ -194,17 +215,24 @@ def main(args):
                 order = trainers if rep % 2 == 0 else trainers[::-1]  # alternate who goes first
                 for name in order:
                     python, kind = pythons[name]
-                    seconds, ranks = run_worker(python, kind, texts_path, vocab_size, tmp)
-                    print(f"{name} vocab {vocab_size}: {seconds:.2f}s", file=sys.stderr)
-                    r = results.setdefault(f"{name}_{vocab_size}", {"seconds_all": []})
-                    r["seconds_all"].append(round(seconds, 3))
-                    r["seconds"] = min(r["seconds_all"])
+                    run, ranks = run_worker(python, kind, texts_path, vocab_size, tmp)
+                    print(f"{name} vocab {vocab_size}: {run['seconds']:.2f}s wall, {run['cpu_seconds']:.2f}s cpu",
+                          file=sys.stderr)
+                    r = results.setdefault(f"{name}_{vocab_size}", {"seconds_all": [], "cpu_seconds_all": []})
+                    r["seconds_all"].append(round(run["seconds"], 3))
+                    r["cpu_seconds_all"].append(round(run["cpu_seconds"], 3))
+                    r["seconds"], r["cpu_seconds"] = min(r["seconds_all"]), min(r["cpu_seconds_all"])
+                    r["max_rss_mb"] = round(max(r.get("max_rss_mb", 0), run["max_rss_mb"]))
                     if "bytes_per_token" not in r:
+                        all_ranks[name] = ranks
                         r["vocab_size"] = len(ranks)
                         r["bytes_per_token"] = round(bytes_per_token(ranks, val_texts), 4)
             ours, pypi = results.get(f"ours_{vocab_size}"), results.get(f"pypi_{vocab_size}")
             if ours and pypi:
                 results[f"speedup_vs_pypi_{vocab_size}"] = round(pypi["seconds"] / ours["seconds"], 3)
+                results[f"cpu_speedup_vs_pypi_{vocab_size}"] = round(pypi["cpu_seconds"] / ours["cpu_seconds"], 3)
+                results[f"same_merges_as_pypi_{vocab_size}"] = all_ranks["ours"] == all_ranks["pypi"]
+            all_ranks.clear()
 
     versions = {"tiktoken": package_version(sys.executable, "tiktoken")}
     if peer:

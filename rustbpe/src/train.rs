@@ -142,7 +142,7 @@ pub fn train_merges<E>(
     let mut heap: BinaryHeap<(i64, Reverse<PairKey>)> =
         pair_counts.iter().map(|(&key, &count)| (count, Reverse(key))).collect();
 
-    let mut merges = Vec::with_capacity(num_merges);
+    let mut merges = Vec::new(); // (not with_capacity: num_merges may be far more than the text allows)
     let mut deltas: FxHashMap<PairKey, i64> = FxHashMap::default();
     while merges.len() < num_merges {
         let Some((count, Reverse(key))) = heap.pop() else { break };
