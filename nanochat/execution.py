@@ -11,10 +11,10 @@ system is the barrier; Python is not patched:
 - namespaces: new network (only a downed loopback), pid (the code is pid 1 and sees no other
   process), mount, ipc and uts namespaces; also a user namespace when not started as root.
 - read-only view: in the mount namespace every mount is remounted read-only, nosuid and nodev, but
-  for a bind mount of the working directory; a fresh /proc shows only the sandbox.
+  for a (noexec) bind mount of the working directory; a fresh /proc shows only the sandbox.
 - landlock LSM: reads only beneath the Python install, /usr, /lib* and the working directory;
-  writes, deletes and renames only in the working directory; no TCP (ABI >= 4); no signals to, nor
-  abstract unix sockets of, processes outside (ABI >= 6).
+  writes, deletes and renames only in the working directory; execve nowhere; no TCP (ABI >= 4); no
+  signals to, nor abstract unix sockets of, processes outside (ABI >= 6).
 - no privileges: started as root, the code runs as nobody (uid 65534); when Python is installed
   where nobody may not enter (/root/.pyenv, uv's ~/.local/share/uv), that directory is covered by an
   empty tmpfs into which only the interpreter is bound back. Without a mount namespace it then
@@ -146,7 +146,7 @@ def make_filesystem_read_only(workdir):
     os.chdir(workdir)  # onto the bind mount: the old working directory is on a mount about to turn read-only
     failed = []
     for mountpoint, flags in _mounts():
-        flags |= MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (0 if mountpoint == workdir else MS_RDONLY)
+        flags |= MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_NOEXEC if mountpoint == workdir else MS_RDONLY)
         if LIBC.mount(None, os.fsencode(mountpoint), None, flags, None) != 0:
             failed.append(mountpoint)
     failed = [f"{mountpoint} still writable" for mountpoint in failed]
@@ -171,7 +171,7 @@ def set_limits(memory_bytes, timeout):
 
 # linux/landlock.h: filesystem rights of ABI 1 (13 bits), 2 (+refer), 3 (+truncate), 5 (+ioctl_dev)
 LL_EXECUTE, LL_WRITE_FILE, LL_READ_FILE, LL_READ_DIR, LL_TRUNCATE = 1, 2, 4, 8, 1 << 14
-LL_READ = LL_EXECUTE | LL_READ_FILE | LL_READ_DIR
+LL_READ = LL_READ_FILE | LL_READ_DIR  # never LL_EXECUTE: no execve anywhere (loading libraries needs no right)
 
 
 class _LandlockRuleset(ctypes.Structure):
@@ -193,7 +193,7 @@ def apply_landlock(workdir):
     rules = [(path, LL_READ) for path in interpreter_dirs() + ["/usr", "/lib", "/lib64", "/lib32"]]
     rules += [("/etc/ld.so.cache", LL_READ_FILE), ("/etc/localtime", LL_READ_FILE),
               ("/dev/null", LL_READ_FILE | LL_WRITE_FILE | LL_TRUNCATE), ("/dev/urandom", LL_READ_FILE),
-              (workdir, fs_rights)]
+              (workdir, fs_rights & ~LL_EXECUTE)]
     try:
         for path, rights in rules:
             try:

@@ -33,7 +33,7 @@ def refused(result):
 def test_reports_which_layers_work():
     report = sandbox_report()
     assert set(report) == {"namespaces", "read-only filesystem", "rlimits", "landlock", "unprivileged", "seccomp"}
-    assert all(status.split(":")[0].split(" ")[0] in ("on", "partial", "unavailable") for status in report.values())
+    assert all(status.startswith(("on", "partial: ", "unavailable: ")) for status in report.values())
     print(report)
 
 
@@ -57,7 +57,7 @@ def test_infinite_loop_and_sleep_time_out():
         start = time.monotonic()
         result = run(code, timeout=1.0)
         assert result.timeout and not result.success and "timed out" in result.error
-        assert time.monotonic() - start < 3
+        assert time.monotonic() - start < 4  # the timeout, start-up and clean-up on a loaded machine
 
 
 def test_output_flood_is_capped_and_times_out():
@@ -159,24 +159,26 @@ def test_network_is_refused():
     assert refused(result)
 
 
+# each prints ESCAPED if the call went through: a shell ran, a process was forked, or the test
+# process could be signalled (signal 0 only checks that it may be)
 BYPASSES = {
-    "ctypes system": "import ctypes\nprint(ctypes.CDLL(None).system(b'touch {marker}'))",
-    "ctypes fork": "import ctypes\npid = ctypes.CDLL(None).fork()\nprint('forked' if pid >= 0 else 'refused')\n"
-                   "if pid == 0: open('{marker}', 'w')",
-    "ctypes kill": "import ctypes\nassert ctypes.CDLL(None).kill({pid}, 9) == -1\nopen('{marker}', 'w')",
-    "importlib.reload(os)": "import importlib, os\nos = importlib.reload(os)\nos.system('touch {marker}')",
-    "__import__": "__import__('os').system('touch {marker}')",
-    "posix module": "import posix\nposix.system('touch {marker}')\nposix.kill({pid}, 9)",
-    "posix exec": "import posix\nposix.execv('/usr/bin/touch', ['touch', '{marker}'])",
+    "ctypes system": "import ctypes\nif ctypes.CDLL(None).system(b'exit 0') == 0: print('ESCAPED')",
+    "ctypes fork": "import ctypes\nif ctypes.CDLL(None).fork() >= 0: print('ESCAPED')",
+    "ctypes kill": "import ctypes\nif ctypes.CDLL(None).kill({pid}, 0) == 0: print('ESCAPED')",
+    "importlib.reload(os)": "import importlib, os\nos = importlib.reload(os)\n"
+                            "if os.system('exit 0') == 0: print('ESCAPED')\nos.kill({pid}, 0)\nprint('ESCAPED')",
+    "__import__": "if __import__('os').system('exit 0') == 0: print('ESCAPED')\n"
+                  "__import__('os').kill({pid}, 0)\nprint('ESCAPED')",
+    "posix module": "import posix\nif posix.system('exit 0') == 0: print('ESCAPED')\n"
+                    "posix.kill({pid}, 0)\nprint('ESCAPED')",
+    "posix exec": "import posix\nposix.execv('/bin/sh', ['sh', '-c', 'echo ESCAPED'])",
 }
 
 
 @pytest.mark.parametrize("name", BYPASSES)
-def test_bypasses_hit_the_same_walls(name, tmp_path):
-    marker = tmp_path / "marker"
-    result = run(BYPASSES[name].format(marker=marker, pid=os.getpid()))
-    assert not marker.exists(), result  # nothing spawned, no file written outside, test process alive
-    assert "forked" not in result.stdout
+def test_bypasses_hit_the_same_walls(name):
+    result = run(BYPASSES[name].format(pid=os.getpid()))
+    assert "ESCAPED" not in result.stdout, result
 
 
 def test_runs_from_threads():
