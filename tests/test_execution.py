@@ -83,12 +83,10 @@ def test_work_dir_is_writable_and_removed_afterwards():
     assert text == "kept" and not os.path.exists(workdir)
 
 
-def test_os_system_and_subprocess_are_refused(tmp_path):
-    marker = tmp_path / "spawned"
-    result = run(f"import os\nprint(os.system('touch {marker}'))")
-    assert result.stdout.strip() != "0" and not marker.exists()
-    result = run(f"import subprocess\nsubprocess.run(['touch', '{marker}'])")
-    assert refused(result) and not marker.exists()
+def test_os_system_and_subprocess_are_refused():
+    result = run("import os\nprint(os.system('exit 0'))")  # 0 only if a shell ran
+    assert result.success and result.stdout.strip() != "0"
+    assert refused(run("import subprocess\nsubprocess.run(['true'])"))
 
 
 def test_fork_is_refused():
