@@ -12,6 +12,7 @@ from tasks.common import Task, load_conversations, task_data_files
 
 URL = "https://raw.githubusercontent.com/openai/human-eval/master/data/HumanEval.jsonl.gz"
 FENCED = re.compile(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed block runs to the end
+PASS_MARKER = "__humaneval_tests_passed__"
 
 
 def extract_code(completion: str, entry_point: str = None) -> str:
@@ -52,9 +53,12 @@ class HumanEval(Task):
             extract_code(completion, conversation["entry_point"]),
             conversation["test"],
             f"check({conversation['entry_point']})",
+            f"print({PASS_MARKER!r})",
             "",
         ])
 
     def evaluate(self, conversation, completion) -> bool:
         from nanochat.execution import execute_code  # the sandbox; only needed when scoring
-        return bool(execute_code(self.program(conversation, completion), timeout=self.timeout).success)
+        result = execute_code(self.program(conversation, completion), timeout=self.timeout)
+        # the marker prints only after check() returned: code that calls sys.exit(0) early gains nothing
+        return result.success and result.stdout.rstrip().endswith(PASS_MARKER)

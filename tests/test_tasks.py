@@ -152,6 +152,9 @@ def test_humaneval_canonical_solutions_pass_and_wrong_fails():
     wrong = "Sure:\n```python\ndef has_close_elements(numbers, threshold):\n    return False\n```\n"
     assert not task.evaluate(conversation, wrong)
     assert not task.evaluate(conversation, "```python\nwhile True: pass\n```")  # killed by the timeout
+    # exiting with status 0 before the tests run is no pass
+    assert not task.evaluate(conversation, "```python\nimport sys\nsys.exit(0)\n```")
+    assert not task.evaluate(conversation, "```python\nimport os\nos._exit(0)\n```")
 
 
 def test_extract_code():
