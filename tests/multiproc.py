@@ -1,9 +1,11 @@
 """Run a function on N local gloo processes, for distributed tests on CPU.
 
 Processes are forked, not spawned: a fresh interpreter would re-import torch (and torch._dynamo, which
-every optimizer pulls in), which costs ~10 s per process here since bytecode is not cached."""
+every optimizer pulls in), which costs ~10 s per process here since bytecode is not cached.
+They are spawned after all when this process runs a Ray driver (forking its threads is unsafe)."""
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -29,5 +31,8 @@ def _entry(rank, world_size, port, fn, args):
 
 def run_gloo(fn, world_size, *args):
     """fn(rank, world_size, *args) on world_size processes; an exception in any of them fails the caller."""
+    ray = sys.modules.get("ray")
+    # forking a process that runs a Ray driver (its threads, gRPC) is asking for trouble: spawn then
+    method = "spawn" if ray is not None and ray.is_initialized() else "fork"
     mp.start_processes(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True,
-                       start_method="fork")
+                       start_method=method)
