@@ -88,7 +88,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache):
+    def forward(self, x, cos, sin, kv_cache, attn_mask=None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -102,7 +102,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # now all keys so far: (B, Hkv, Tk, D)
         Tk = k.size(2)
-        if Tq == Tk:
+        if attn_mask is not None:
+            mask, causal = attn_mask, False  # rows at different positions: GPT.forward built a per-row mask
+        elif Tq == Tk:
             mask, causal = None, True  # plain training / prefill from an empty cache
         elif Tq == 1:
             mask, causal = None, False  # one new token sees everything cached
@@ -132,8 +134,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, attn_mask=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
         return x + self.mlp(norm(x))
 
 
@@ -179,14 +181,26 @@ class GPT(nn.Module):
         """idx: (B, T) token ids. Returns logits (B, T, vocab_size) in fp32, or the loss when targets
         (B, T) are given (ignore index -1; reduction "mean", "sum" or "none" -> (B, T))."""
         B, T = idx.size()
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()  # rotary offset of the first new token
-        if T0 + T > self.rotary_cos.size(1):  # generation ran past the tables: grow them (rare)
-            self.init_rotary(2 * (T0 + T))
-        cos, sin = self.rotary_cos[:, T0:T0 + T], self.rotary_sin[:, T0:T0 + T]
+        # tokens already cached = rotary offset of the first new token: an int when every row holds the
+        # same number (training, prefill, lockstep sampling), else a (B,) CPU tensor, one per row
+        T0 = 0 if kv_cache is None else kv_cache.get_pos(B)
+        end = (T0 if isinstance(T0, int) else int(T0.max())) + T
+        if end > self.rotary_cos.size(1):  # generation ran past the tables: grow them (rare)
+            self.init_rotary(2 * end)
+        attn_mask = None
+        if isinstance(T0, int):
+            cos, sin = self.rotary_cos[:, T0:T0 + T], self.rotary_sin[:, T0:T0 + T]
+        else:
+            # Rows at different positions (continuous batching): each row gathers its own rotary angles, and
+            # new token t of row b sees keys 0 .. T0[b] + t only; the cache slots past a row's end hold
+            # another row's stale keys or nothing.
+            positions = (T0[:, None] + torch.arange(T)).to(idx.device)  # (B, T)
+            cos, sin = self.rotary_cos[0, positions], self.rotary_sin[0, positions]  # (B, T, 1, D/2)
+            attn_mask = (torch.arange(end, device=idx.device) <= positions[..., None])[:, None]  # (B, 1, T, end)
         with autocast_for(idx.device):
             x = norm(self.transformer.wte(idx))
             for block in self.transformer.h:
-                x = block(x, cos, sin, kv_cache)
+                x = block(x, cos, sin, kv_cache, attn_mask)
             logits = self.lm_head(norm(x))
         logits = logits[..., :self.config.vocab_size].float()  # padded ids are never predicted
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
