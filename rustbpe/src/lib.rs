@@ -15,9 +15,9 @@ use pyo3::types::{PyBytes, PyString};
 use rustc_hash::FxHashMap;
 
 pub mod split;
-pub mod train;
 #[cfg(test)]
 mod test_rng;
+pub mod train;
 
 use split::{Splitter, DEFAULT_PATTERN};
 use train::{merge_word, pair_key, train_merges, ChunkCounts, PairKey};
@@ -72,8 +72,12 @@ impl Tokenizer {
         let num_merges = (vocab_size - 256) as usize;
         let (words, word_counts) = py.detach(|| counts.into_words());
         log.say(py, &format!("merging: {num_merges} merges over {} distinct chunks", words.len()));
-        let merges = py.detach(|| train_merges(words, word_counts, num_merges, |done| log.merge_tick(done, num_merges)))?;
-        log.say(py, &format!("done: {} merges, vocab_size {}, {:.1}s in all", merges.len(), 256 + merges.len(), log.elapsed()));
+        let merges =
+            py.detach(|| train_merges(words, word_counts, num_merges, |done| log.merge_tick(done, num_merges)))?;
+        log.say(
+            py,
+            &format!("done: {} merges, vocab_size {}, {:.1}s in all", merges.len(), 256 + merges.len(), log.elapsed()),
+        );
 
         self.ranks = merges.iter().enumerate().map(|(i, &(a, b))| (pair_key(a, b), 256 + i as u32)).collect();
         self.merges = merges;
@@ -165,9 +169,9 @@ fn count_chunks(
             let type_name = item.get_type().name().map(|n| n.to_string()).unwrap_or_default();
             PyTypeError::new_err(format!("training texts must be str, but item {index} is {type_name}"))
         })?;
-        let text = text.to_str().map_err(|_| {
-            PyValueError::new_err(format!("item {index} is not valid UTF-8 (it has a lone surrogate)"))
-        })?;
+        let text = text
+            .to_str()
+            .map_err(|_| PyValueError::new_err(format!("item {index} is not valid UTF-8 (it has a lone surrogate)")))?;
         n_texts += 1;
         n_bytes += text.len();
         buffer.push(text.to_owned());
@@ -177,7 +181,6 @@ fn count_chunks(
         }
     }
     flush(py, &mut buffer)?;
-    drop(flush);
     if n_bytes == 0 {
         let what = if n_texts == 0 { "no texts".to_string() } else { format!("{n_texts} empty texts") };
         return Err(PyValueError::new_err(format!("no training text: the iterator gave {what}")));
@@ -231,7 +234,7 @@ impl Progress {
     /// Called after each merge with the GIL released: now and then takes the GIL to report
     /// (on each new percent, rate-limited) and to let Ctrl-C stop training.
     fn merge_tick(&mut self, done: usize, total: usize) -> PyResult<()> {
-        if done % 64 != 0 {
+        if !done.is_multiple_of(64) {
             return Ok(());
         }
         Python::attach(|py| {

@@ -266,9 +266,8 @@ mod tests {
         let mut rng = Rng::new(42);
         for round in 0..30 {
             let alphabet = 2 + round % 5;
-            let words: Vec<Vec<u32>> = (0..50)
-                .map(|_| (0..2 + rng.below(15)).map(|_| 97 + rng.below(alphabet) as u32).collect())
-                .collect();
+            let words: Vec<Vec<u32>> =
+                (0..50).map(|_| (0..2 + rng.below(15)).map(|_| 97 + rng.below(alphabet) as u32).collect()).collect();
             let counts: Vec<i64> = (0..50).map(|_| 1 + rng.below(5) as i64).collect();
             let fast = train_merges(words.clone(), counts.clone(), 200, |_| Ok::<(), ()>(())).unwrap();
             assert_eq!(fast, train_simple(words, &counts, 200), "round {round}");
