@@ -3,8 +3,8 @@ join and leave a running batch: continuous batching, driven by the serving layer
 
 KV cache protocol (what GPT.forward relies on), for a forward of B rows and T new tokens per row:
 - `get_pos(B)` is the number of tokens already cached in each of the cache's first B rows, which is the
-  rotary offset of each row's next token: an int when all B rows hold the same number (training-free
-  lockstep decoding: plain slices, no mask), else a (B,) CPU tensor, one per row;
+  rotary offset of each row's next token: an int when all B rows hold the same number (a prefill, N
+  samples in lockstep: plain slices, no mask), else a (B,) CPU tensor, one per row;
 - each attention layer calls `insert_kv(layer_idx, k, v)` with its new keys/values (B, n_kv_head, T,
   head_dim), written at each row's own offset, and gets back the keys/values of positions
   0 .. max(pos) + T - 1 of those rows. Past a row's own end these slots hold stale keys (or zeros), so
@@ -19,6 +19,7 @@ calculator, and <|output_start|> result <|output_end|> is forced into that seque
 Every token appended to a sequence, sampled or forced, counts toward max_tokens.
 """
 import codecs
+import operator
 from collections import deque
 from typing import NamedTuple
 
@@ -53,7 +54,7 @@ class KVCache:
         """Tokens cached in the first `rows` rows (default: all): an int when they agree, else a (rows,) tensor."""
         pos = self.pos[:rows]
         first = int(pos[0])
-        return first if bool((pos == first).all()) else pos
+        return first if bool((pos == first).all()) else pos.clone()
 
     def _ensure_capacity(self, length, like):
         if self.kv is None:
@@ -166,17 +167,19 @@ def _device(model):
 
 def check_prompt(tokens, vocab_size, max_len):
     """A prompt as a list of ints, or ValueError saying what is wrong with it."""
-    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, int) for t in tokens):
-        raise ValueError("the prompt must be a list of token ids (ints)")
+    try:
+        tokens = [operator.index(t) for t in tokens]
+    except TypeError:
+        raise ValueError("the prompt must be a list of token ids (ints)") from None
     if not tokens:
         raise ValueError("the prompt is empty: it needs at least one token (e.g. <|bos|>)")
     bad = [t for t in tokens if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
     if len(tokens) > max_len:
-        raise ValueError(f"the prompt has {len(tokens)} tokens, more than the context of {max_len}: "
+        raise ValueError(f"the prompt has {len(tokens)} tokens; at most {max_len} fit in the context: "
                          f"truncate it first (e.g. from the left, keeping <|bos|>)")
-    return list(tokens)
+    return tokens
 
 
 def check_sampling(temperature, top_k):

@@ -1,5 +1,6 @@
 """nanochat.engine: KV cache with per-row positions, Engine (one prompt, N samples), BatchDecoder
 (continuous batching), tool use, bad input; and the chat CLI end to end."""
+import io
 import os
 import subprocess
 import sys
@@ -283,6 +284,20 @@ def test_chat_cli_prompt_mode(small_tokenizer, model):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=os.environ.copy())
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip()) > 0
+
+
+def test_chat_keeps_history_and_truncates_from_the_left(model, tok):
+    chat = chat_cli.Chat(Engine(model, tok), max_tokens=6, temperature=0.0, top_k=None, seed=0)
+    out = io.StringIO()
+    chat.answer("Hi", out)
+    first_turn = list(chat.tokens)
+    assert first_turn[0] == tok.get_bos_token_id() and first_turn[-1] == tok.encode_special("<|assistant_end|>")
+    chat.answer("And then?", out)
+    assert chat.tokens[:len(first_turn)] == first_turn  # the history is kept
+    chat.answer("word " * 200, out)  # far longer than the 64-token context: the oldest tokens go, BOS stays
+    assert chat.tokens[0] == tok.get_bos_token_id() and len(chat.tokens) <= SEQ_LEN + 1
+    chat.clear()
+    assert chat.tokens == [tok.get_bos_token_id()]
 
 
 def test_chat_cli_refuses_empty_prompt(capsys):

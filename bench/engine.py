@@ -1,0 +1,172 @@
+"""Inference throughput: prefill and decode tokens/s at batch 1 and 32, the Engine (KV cache) vs the naive
+GPT.generate (no cache: the whole sequence re-run for every new token). Prints ONE JSON line.
+
+    python bench/engine.py --depth 4 --device cpu --prompt-len 64 --max-tokens 32 > bench/results/engine_cpu-2core.json
+    python bench/engine.py --depth 20 --device cuda --prompt-len 512 --max-tokens 256   # + bandwidth use
+
+Peers, on one random-weight model in one process:
+- engine:  Engine.generate: the prompt prefilled once (batch 1), then N samples decoded together;
+- naive:   GPT.generate. At batch N the peer is N sequential runs of it; the runs are identical, so their
+           tokens/s is one run's, and only --naive-runs of them are timed;
+- decoder: (batch N > 1) BatchDecoder, the serving path: N different prompts of different lengths, each
+           prefilled alone, then decoded in one batch with per-row positions (attention mask on).
+Prefill tokens/s = prompt tokens / time to the first token (its sampling included); decode tokens/s =
+the tokens after the first / the time they took. The special tokens get ids outside the model's vocab, so
+random weights never stop a run early: every run decodes exactly --max-tokens per row.
+On CUDA, decode's memory-bandwidth use: bytes read per decode step (the weights as stored, the embedding
+table aside, plus the KV cache at its average length) / step time / the GPU's peak bandwidth. Autocast
+re-reads the fp32 weights as bf16 copies, so the real traffic is higher: this is a lower bound.
+Needs torch only (no ray): runs on a bare GPU box from a checkout.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--depth", type=int, default=4, help="model depth (width = 64 x depth)")
+parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
+parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per row")
+parser.add_argument("--batch-sizes", default="1,32", help="comma-separated numbers of rows")
+parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size (the real tokenizer's)")
+parser.add_argument("--head-dim", type=int, default=128, help="target head dimension")
+parser.add_argument("--naive-runs", type=int, default=2, help="GPT.generate runs timed (the peer at batch N)")
+parser.add_argument("--peak-bw", type=float, default=None, help="GPU peak memory bandwidth, B/s (default: by name)")
+args = parser.parse_args()
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, no install needed
+import torch  # noqa: E402
+
+from nanochat.common import autodetect_device_type  # noqa: E402
+from nanochat.engine import BatchDecoder, Engine  # noqa: E402
+from nanochat.gpt import GPTConfig, create_model  # noqa: E402
+from nanochat.tokenizer import SPECIAL_TOKENS  # noqa: E402
+
+# HBM peaks, by a substring of the GPU's name (first match wins: H100 PCIe before H100)
+PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "B200": 8.0e12, "A100-SXM4-80GB": 2.04e12,
+                  "A100": 1.56e12, "L40S": 0.864e12, "A10G": 0.6e12}
+
+
+class NoStopTokenizer:
+    """The little of a tokenizer the engines use, with special ids the model can never produce."""
+
+    def __init__(self, vocab_size):
+        self.ids = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+    def encode_special(self, name):
+        return self.ids[name]
+
+    def get_bos_token_id(self):
+        return self.ids["<|bos|>"]
+
+
+def machine(device):
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        return info
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")] if cpuinfo.is_file() else []
+    info.update(cpu=names[0] if names else platform.machine(), cores=len(os.sched_getaffinity(0)),
+                torch_threads=torch.get_num_threads(), loadavg_1m=round(os.getloadavg()[0], 2))
+    return info
+
+
+def timed_stream(stream, device):
+    """Drain a generator of steps; returns (seconds to the first step, seconds for the rest, steps)."""
+    t0 = time.perf_counter()
+    steps, t_first = 0, None
+    for _ in stream:
+        steps += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return t_first - t0, time.perf_counter() - t_first, steps
+
+
+def rates(prefill_tokens, first_s, rest_s, decode_tokens):
+    return {"prefill_tok_s": round(prefill_tokens / first_s, 1), "decode_tok_s": round(decode_tokens / rest_s, 1),
+            "first_token_ms": round(1000 * first_s, 2), "decode_step_ms": round(1000 * rest_s / max(1, args.max_tokens - 1), 3)}
+
+
+def bench_engine(engine, prompt, n, device):
+    first, rest, steps = timed_stream(engine.generate(prompt, n, args.max_tokens, temperature=1.0, top_k=50), device)
+    assert steps == args.max_tokens
+    return rates(len(prompt), first, rest, (steps - 1) * n)
+
+
+def bench_naive(model, prompt, device):
+    first = rest = 0.0
+    for run in range(args.naive_runs):
+        f, r, steps = timed_stream(model.generate(prompt, args.max_tokens, temperature=1.0, top_k=50, seed=run), device)
+        first, rest = first + f, rest + r
+    return rates(len(prompt) * args.naive_runs, first, rest, (args.max_tokens - 1) * args.naive_runs)
+
+
+def bench_decoder(model, tokenizer, n, device):
+    g = torch.Generator().manual_seed(0)
+    lengths = [args.prompt_len - (args.prompt_len // 2) * i // max(1, n - 1) for i in range(n)]  # P down to P/2
+    decoder = BatchDecoder(model, tokenizer, max_batch=n, max_seq_len=args.prompt_len + args.max_tokens)
+    for i, length in enumerate(lengths):
+        decoder.add(i, torch.randint(0, args.vocab_size, (length,), generator=g).tolist(), args.max_tokens,
+                    temperature=1.0, top_k=50, seed=i)
+    first, rest, steps = timed_stream(iter(decoder.step, []), device)
+    assert steps == args.max_tokens
+    return {**rates(sum(lengths), first, rest, (steps - 1) * n), "prompt_lens": [min(lengths), max(lengths)]}
+
+
+def decode_bandwidth(model, result, n):
+    """Fraction of peak bandwidth that decode reaches, from bytes read per step (see the docstring)."""
+    gpu = torch.cuda.get_device_name()
+    peak = args.peak_bw or next((bw for name, bw in PEAK_BANDWIDTH.items() if name in gpu), None)
+    if peak is None:
+        return None
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "wte" not in name)
+    kv_elem = 2 if torch.cuda.is_bf16_supported() else 4  # the cache holds autocast's dtype
+    avg_len = args.prompt_len + args.max_tokens / 2
+    kv = 2 * cfg.n_layer * n * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * avg_len * kv_elem
+    step_s = result["decode_step_ms"] / 1000
+    return {"bytes_per_step": int(weights + kv), "achieved_GB_s": round((weights + kv) / step_s / 1e9, 1),
+            "peak_GB_s": peak / 1e9, "fraction": round((weights + kv) / step_s / peak, 4)}
+
+
+def main():
+    device = torch.device(autodetect_device_type() if args.device == "auto" else args.device)
+    config = GPTConfig.from_depth(args.depth, args.vocab_size, sequence_len=args.prompt_len + args.max_tokens,
+                                  head_dim=args.head_dim)
+    torch.manual_seed(0)
+    model = create_model(config, device).eval()
+    tokenizer = NoStopTokenizer(args.vocab_size)
+    engine = Engine(model, tokenizer)
+    prompt = torch.randint(0, args.vocab_size, (args.prompt_len,)).tolist()
+    for _ in engine.generate(prompt, 2, 4):  # warm-up: kernels, allocator, rotary tables
+        pass
+    list(model.generate(prompt, 2))
+    warm = BatchDecoder(model, tokenizer, max_batch=2)
+    for i in range(2):
+        warm.add(i, prompt[i:], max_tokens=3)
+    while warm.step():
+        pass
+    result = {"bench": "engine", "depth": args.depth, "params": model.num_params()["total"], "prompt_len": args.prompt_len,
+              "max_tokens": args.max_tokens, "vocab_size": args.vocab_size, "sampling": "temperature 1, top-k 50",
+              "naive_peer": f"GPT.generate; at batch N: N sequential runs (identical: {args.naive_runs} timed)",
+              "machine": machine(device), "naive": bench_naive(model, prompt, device)}
+    for n in [int(b) for b in args.batch_sizes.split(",")]:
+        row = {"engine": bench_engine(engine, prompt, n, device)}
+        if n > 1:
+            row["decoder"] = bench_decoder(model, tokenizer, n, device)
+        row["decode_speedup_vs_naive"] = round(row["engine"]["decode_tok_s"] / result["naive"]["decode_tok_s"], 2)
+        if device.type == "cuda":
+            row["engine"]["bandwidth"] = decode_bandwidth(model, row["engine"], n)
+        result[f"batch_{n}"] = row
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
