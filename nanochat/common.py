@@ -17,6 +17,7 @@ def setup_logging(level=logging.INFO):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
+        logger.propagate = False  # Ray (and others) put handlers on the root logger: print once
     logger.setLevel(level)
     return logger
 

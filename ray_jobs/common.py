@@ -23,17 +23,24 @@ def project_env() -> dict:
 
 
 def init_ray(num_cpus=None):
-    """Attach to a running cluster (RAY_ADDRESS, or a local `ray start --head`), else start a local
-    Ray with an explicit logical CPU count. Returns the cluster's resources."""
+    """Attach to a running cluster (RAY_ADDRESS, or the latest local `ray start --head`), else start a
+    local Ray with an explicit logical CPU count (RAY_ADDRESS=local always starts a fresh one).
+    Returns the cluster's resources."""
     import ray
     if not ray.is_initialized():
         env = {"env_vars": project_env()}
+        address = os.environ.get("RAY_ADDRESS") or "auto"
         try:
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=env, log_to_driver=True)
+            if address == "local":
+                raise ConnectionError("a fresh local Ray was asked for")
+            ray.init(address=address, runtime_env=env)
             logger.info("connected to the running Ray cluster")
         except ConnectionError:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), runtime_env=env)
-            logger.info("started a local Ray (%s logical CPUs)", num_cpus or os.cpu_count())
+            # at least 4 logical CPUs: on a small machine, 2 train workers at 1 CPU each must leave
+            # room for the data pipeline's read tasks and tokenizer actor, or it waits forever
+            num_cpus = num_cpus or max(4, os.cpu_count())
+            ray.init(address="local", num_cpus=num_cpus, runtime_env=env)
+            logger.info("started a local Ray with %s logical CPUs", num_cpus)
     return ray.cluster_resources()
 
 

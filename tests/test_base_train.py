@@ -1,0 +1,110 @@
+"""Base pretraining on Ray Train (2 gloo workers on the session's local Ray), bits per byte, the LR schedule."""
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from nanochat.checkpoint import build_model, checkpoint_dir, find_last_step
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_tokenizer_dir
+from ray_jobs import base_train
+
+TINY_FLAGS = ["--depth", "2", "--head-dim", "32", "--max-seq-len", "128", "--device-batch-size", "4",
+              "--total-batch-size", "1024", "--num-workers", "2", "--device", "cpu", "--cpus-per-worker", "1",
+              "--data-actor-cpus", "0.5", "--eval-tokens", "2048", "--sample-every", "-1", "--log-every", "5",
+              "--max-failures", "2"]
+
+
+@pytest.fixture
+def base_setup(ray_cluster, small_tokenizer):
+    """The small tokenizer saved where the phase scripts look for it (this test's base dir)."""
+    tokenizer, _ = small_tokenizer
+    tokenizer.save(get_tokenizer_dir())
+    return tokenizer
+
+
+def run(flags):
+    return base_train.main(base_train.parser.parse_args(TINY_FLAGS + flags))
+
+
+def test_tiny_run_trains_and_checkpoints(base_setup, tmp_path):
+    summary = run(["--num-iterations", "30", "--eval-every", "15", "--save-every", "15", "--tag", "t1"])
+    assert summary["status"] == "finished" and summary["step"] == 30
+    losses = summary["curves"]["loss"]["y"]
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns
+    assert len(summary["curves"]["val_bpb"]["y"]) == 3 and summary["val_bpb"] < summary["curves"]["val_bpb"]["y"][0]
+    ckpt = checkpoint_dir("base", "t1")
+    assert find_last_step(ckpt) == 30 and (ckpt / "step_000015" / "meta.json").is_file()
+    model, meta = build_model(ckpt, 30, "cpu", expect_tokenizer=base_setup.fingerprint())
+    assert meta["step"] == 30 and meta["data_state"]["rows"] > 0
+    logits = model(torch.tensor([base_setup.encode("hello world", prepend="<|bos|>")]))
+    assert torch.isfinite(logits).all()
+
+
+def _train_worker_pids():
+    """Ray names its worker processes after the actor class (ray::RayTrainWorker...)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"RayTrainWorker" in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def test_killed_worker_resumes_from_last_checkpoint(base_setup):
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run(
+        ["--num-iterations", "150", "--eval-every", "-1", "--save-every", "10", "--tag", "t2"])))
+    thread.start()
+    ckpt = checkpoint_dir("base", "t2")
+    deadline = time.time() + 300
+    while (find_last_step(ckpt) or 0) < 10:
+        assert thread.is_alive() and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[1], signal.SIGKILL)  # from outside, mid-run
+    thread.join(timeout=600)
+    summary = result["summary"]
+    assert summary["status"] == "finished" and summary["step"] == 150
+    starts = summary["starts"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 10 and starts[1] % 10 == 0, starts  # continued, not restarted
+
+
+def test_nan_loss_stops_with_the_step(base_setup):
+    # an absurd learning rate blows the loss up; the run must stop and name the step
+    with pytest.raises(RuntimeError, match=r"(loss is (nan|inf)|the weights are not finite) at step \d+"):
+        run(["--num-iterations", "40", "--eval-every", "-1", "--save-every", "5", "--tag", "t3",
+             "--matrix-lr", "1e6", "--embedding-lr", "1e6", "--unembedding-lr", "1e6"])
+
+
+def test_bpb_equals_hand_computation():
+    vocab = 5
+    token_bytes = torch.tensor([1, 2, 3, 0, 4], dtype=torch.int32)  # id 3 is special: 0 bytes
+
+    class Uniform(torch.nn.Module):  # every token has probability 1/vocab: loss ln(5) per target
+        def forward(self, idx, targets, loss_reduction="mean"):
+            logits = torch.zeros(*idx.shape, vocab)
+            return torch.nn.functional.cross_entropy(logits.view(-1, vocab), targets.view(-1), ignore_index=-1,
+                                                     reduction=loss_reduction).view(targets.shape)
+
+    targets = torch.tensor([[0, 1, 3, 4], [2, -1, 1, 0]])
+    batches = iter([(torch.zeros_like(targets), targets)])
+    bpb = evaluate_bpb(Uniform(), batches, 1, token_bytes)
+    counted = [0, 1, 4, 2, 1, 0]  # targets with bytes > 0 (the special id 3 and the ignored -1 are left out)
+    expected = len(counted) * math.log(vocab) / (math.log(2) * sum(int(token_bytes[t]) for t in counted))
+    assert bpb == pytest.approx(expected, rel=1e-9)
+
+
+def test_lr_schedule():
+    mult = [base_train.lr_multiplier(s, 100, 0.1, 0.2, 0.0) for s in range(101)]
+    assert mult[0] == pytest.approx(0.1) and mult[9] == 1.0 and mult[50] == 1.0 and mult[80] == 1.0
+    assert mult[90] == pytest.approx(0.5) and mult[100] == 0.0
+    assert base_train.muon_momentum(0) == pytest.approx(0.85) and base_train.muon_momentum(300) == pytest.approx(0.95)
