@@ -16,7 +16,6 @@ import bisect
 import logging
 
 import numpy as np
-import torch
 
 from nanochat.common import get_dist_info
 from nanochat.dataset import iter_row_groups, list_shard_paths
@@ -81,8 +80,33 @@ def pack_documents(docs, row_len: int) -> np.ndarray:
     return rows[:n]
 
 
+def tokenize_for_packing(tokenizer, texts, row_len: int, num_threads: int = 1):
+    """BOS + token ids of each text, ready for a packer of rows of row_len tokens.
+
+    A document contributes at most its first row_len tokens to the rows (it fits whole, or it is
+    cropped), so long texts are cut before encoding, the costly part: a text is encoded from a prefix
+    of about 4 characters per token needed, doubled until it gives row_len + 64 tokens. The slack
+    keeps the cut (which may split a word) away from the tokens used. Such documents come out
+    shorter than they are, but still longer than a row, which is all the packer looks at."""
+    bos = tokenizer.get_bos_token_id()
+    need = row_len + 64
+    heads = [t[: 4 * need] for t in texts]  # a no-op (no copy) for the many texts shorter than that
+    if num_threads > 1:
+        docs = tokenizer.encode(heads, prepend=bos, num_threads=num_threads)
+    else:  # tiktoken's batch call would start a thread pool for nothing
+        docs = [tokenizer.encode(h, prepend=bos) for h in heads]
+    for i, text in enumerate(texts):
+        budget = 4 * need
+        while len(docs[i]) < need and budget < len(text):  # more than 4 characters per token: cut later
+            budget *= 2
+            docs[i] = tokenizer.encode(text[:budget], prepend=bos)
+    return docs
+
+
 def rows_to_batch(rows: np.ndarray, device="cpu"):
     """(B, T+1) token rows -> (inputs, targets), int64 (B, T) tensors on `device`."""
+    import torch  # here, not at the top: Ray's tokenizer actors import this module for the packer alone,
+    # and importing torch would add seconds to every actor's start
     batch = torch.from_numpy(np.ascontiguousarray(rows)).to(torch.long)
     if torch.device(device).type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
@@ -118,7 +142,6 @@ def tokenizing_distributed_data_loader(B: int, T: int, split: str, tokenizer, de
     small dict; pass it back as `resume_state` to continue after the last document consumed."""
     _, rank, _, world_size = get_dist_info()
     state = dict(resume_state or {"epoch": 0, "row_group": 0, "doc": 0})
-    bos = tokenizer.get_bos_token_id()
     packer = BestFitPacker(T + 1)
     docs = _documents(split, rank, world_size, state)
     rows = np.empty((B, T + 1), dtype=np.int32)
@@ -129,7 +152,7 @@ def tokenizing_distributed_data_loader(B: int, T: int, split: str, tokenizer, de
             while len(packer) < buffer_docs or packer.num_tokens < T + 1:
                 if not pending:
                     chunk = [next(docs) for _ in range(tokenizer_batch)]
-                    ids = tokenizer.encode([text for text, _ in chunk], prepend=bos)
+                    ids = tokenize_for_packing(tokenizer, [text for text, _ in chunk], T + 1, num_threads=4)
                     pending = list(zip(ids, (s for _, s in chunk)))[::-1]
                 doc, state = pending.pop()
                 packer.add(doc)

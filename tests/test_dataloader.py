@@ -156,3 +156,21 @@ def test_loader_wraps_around_epochs(synthetic_mirror, monkeypatch):
     _, tokenizer = synthetic_mirror
     states = [s for _, _, s in take(loader(tokenizer, split="val", monkeypatch=monkeypatch), 60)]
     assert states[0]["epoch"] == 0 and states[-1]["epoch"] >= 1  # 60 docs of val: a few epochs in 60 batches
+
+
+def test_tokenize_for_packing_encodes_only_what_rows_can_use(small_tokenizer, mirror_dir):
+    from conftest import mirror_texts
+    from nanochat.dataloader import tokenize_for_packing
+    tokenizer, _ = small_tokenizer
+    texts = mirror_texts(mirror_dir, 2_000_000, shard="shard_00001.parquet")
+    row_len = 129
+    docs = tokenize_for_packing(tokenizer, texts, row_len)
+    cut = 0
+    for text, doc in zip(texts, docs):
+        full = tokenizer.encode(text, prepend="<|bos|>")
+        assert doc[:row_len] == full[:row_len]  # the tokens a row can hold are exact
+        if len(doc) < len(full):
+            cut += 1
+            assert len(doc) > row_len  # a cut document still looks longer than a row to the packer
+    assert cut > len(texts) // 4  # most of these documents are longer than 4 * (129 + 64) characters
+    assert tokenize_for_packing(tokenizer, texts[:50], row_len, num_threads=2) == docs[:50]
