@@ -100,7 +100,7 @@ def test_bpb_equals_hand_computation():
     bpb = evaluate_bpb(Uniform(), batches, 1, token_bytes)
     counted = [0, 1, 4, 2, 1, 0]  # targets with bytes > 0 (the special id 3 and the ignored -1 are left out)
     expected = len(counted) * math.log(vocab) / (math.log(2) * sum(int(token_bytes[t]) for t in counted))
-    assert bpb == pytest.approx(expected, rel=1e-9)
+    assert bpb == pytest.approx(expected, rel=1e-6)  # the model computes in fp32
 
 
 def test_lr_schedule():
