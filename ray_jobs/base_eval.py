@@ -77,7 +77,7 @@ def main(args):
             raise ValueError(f"unknown task(s) {unknown}; core.yaml has {[t['label'] for t in tasks]}")
 
     device = args.device if args.device != "auto" else ("cuda" if resources.get("GPU", 0) >= 1 else "cpu")
-    num_workers = args.num_workers or (int(resources.get("GPU", 0)) if device == "cuda" else 2)
+    num_workers = args.num_workers or max(1, int(resources.get("GPU", 0)) if device == "cuda" else 2)
     cpus = args.cpus_per_worker or (8 if device == "cuda" else 1)
     log.info("CORE eval of base/%s step %d: %d workers on %s, %s examples per task", tag, step, num_workers,
              device, "all" if args.max_per_task < 0 else args.max_per_task)
