@@ -255,11 +255,12 @@ def score_rows(model, rows, task_type, gold, device) -> bool:
     batch = torch.full((len(rows), width), rows[0][0][0], dtype=torch.long)
     for b, (ids, _) in enumerate(rows):
         batch[b, :len(ids)] = torch.tensor(ids)
-    logits = model(batch.to(device)).float().cpu()
+    batch = batch.to(device)
+    logits = model(batch)  # stays on the device: only the continuation positions are read below
     losses = []
     for b, (ids, start) in enumerate(rows):
         # the logits at position t predict token t + 1
-        predicted, targets = logits[b, start - 1:len(ids) - 1], batch[b, start:len(ids)]
+        predicted, targets = logits[b, start - 1:len(ids) - 1].float(), batch[b, start:len(ids)]
         if task_type == "language_modeling":
             return bool((predicted.argmax(dim=-1) == targets).all())
         losses.append(F.cross_entropy(predicted, targets).item())  # mean over the continuation's tokens
