@@ -1,0 +1,135 @@
+"""The engine deployment: each replica holds one chat model and decodes every request it is given in one
+continuously batched loop (serve_app/scheduler.py). Replicas are reached through a Serve handle, by the
+HTTP ingress and the Gradio page alike; `generate` streams, the rest are small control calls
+(`info`, `stats`, `reload`, `pid`) that the ingress sends to every replica with handle.broadcast.
+
+A checkpoint is named by a directory: a step directory (…/step_000123), a tag directory (its last
+step), or a path relative to <base>/checkpoints (e.g. "sft/d20"); none means the latest chat checkpoint
+(sft, else mid, else rl), as in the chat CLI.
+"""
+import asyncio
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from ray import serve
+
+from nanochat.checkpoint import CheckpointError, build_model, find_last_step, find_latest_tag
+from nanochat.common import autodetect_device_type, get_base_dir
+from nanochat.engine import TextStream
+from nanochat.tokenizer import ConversationError, get_tokenizer
+from serve_app.scheduler import RequestTimeout, Scheduler
+
+CHAT_PHASES = ("sft", "mid", "rl")  # where the latest chat checkpoint is looked for, in this order
+
+
+def resolve_checkpoint(spec=None, base_dir=None):
+    """(checkpoint dir, step) for a checkpoint spec (see the module docstring)."""
+    root = Path(base_dir or get_base_dir()) / "checkpoints"
+    if spec is None:
+        phase = next((p for p in CHAT_PHASES if find_latest_tag(p, base_dir) is not None), None)
+        if phase is None:
+            raise CheckpointError(f"no chat checkpoint (sft, mid or rl) under {root}: train one, or pass one")
+        spec = root / phase / find_latest_tag(phase, base_dir)
+    path = Path(spec)
+    if not path.is_absolute() and not path.exists():
+        path = root / path
+    if (path / "meta.json").is_file() and path.name.startswith("step_"):
+        return path.parent, int(path.name.removeprefix("step_"))
+    step = find_last_step(path)
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint at {path}")
+    return path, step
+
+
+@serve.deployment(name="NanochatEngine")
+class EngineReplica:
+    def __init__(self, checkpoint=None, base_dir=None, tokenizer_dir=None, max_batch=32, max_seq_len=None,
+                 timeout_s=300.0, device=None):
+        if base_dir:  # the replica may run on another node, in another process: same files as the driver
+            os.environ["NANOCHAT_BASE_DIR"] = str(base_dir)
+        self.base_dir, self.timeout_s = base_dir, timeout_s
+        self.device = torch.device(device or autodetect_device_type())
+        self.tokenizer = get_tokenizer(tokenizer_dir)
+        specials = self.tokenizer.special_ids
+        self.specials = set(specials.values())
+        self.terminal = {specials["<|assistant_end|>"], specials["<|bos|>"]}
+        model, self.checkpoint = self._load(checkpoint)
+        self.scheduler = Scheduler(model, self.tokenizer, max_batch, max_seq_len)
+        self.reload_lock = asyncio.Lock()
+
+    def _load(self, spec):
+        ckpt_dir, step = resolve_checkpoint(spec, self.base_dir)
+        model, meta = build_model(ckpt_dir, step, self.device, phase="eval")
+        if meta.get("tokenizer") and meta["tokenizer"] != self.tokenizer.fingerprint():
+            raise CheckpointError(f"{ckpt_dir} step {step} was trained with tokenizer {meta['tokenizer']}, "
+                                  f"but the tokenizer in use is {self.tokenizer.fingerprint()}")
+        return model, {"path": str(ckpt_dir), "step": step, "model_config": meta["model_config"],
+                       "loaded_at": time.time()}
+
+    async def generate(self, request):
+        """Stream one chat completion. request: {"messages": [...] (already validated by the ingress),
+        "max_tokens", "temperature", "top_k", "seed"}. Yields, in order: {"prompt_tokens": n} once the
+        prompt is accepted (or {"error": message, "status": http status} and nothing else), then
+        {"text": piece} as complete characters arrive (special tokens are not shown), then
+        {"finish_reason": "stop" | "length", "completion_tokens": n} — or {"error", "status"} on a timeout."""
+        try:
+            conversation = {"messages": [*request["messages"], {"role": "assistant", "content": ""}]}
+            prompt = self.tokenizer.render_for_completion(conversation)
+            seed = request.get("seed")
+            tokens = self.scheduler.generate(
+                prompt, request.get("max_tokens"), request.get("temperature", 1.0), request.get("top_k"),
+                random.getrandbits(62) if seed is None else seed, self.timeout_s)
+            first = await anext(tokens, None)  # raises ValueError for a prompt that does not fit
+        except (ConversationError, ValueError) as e:
+            yield {"error": str(e), "status": 400}
+            return
+        except RequestTimeout as e:
+            yield {"error": str(e), "status": 504}
+            return
+        yield {"prompt_tokens": len(prompt)}
+        text, count, finish = TextStream(self.tokenizer), 0, "length"
+        try:
+            chunk = first
+            while chunk is not None:
+                pieces = []
+                for token in chunk:
+                    if token in self.terminal:
+                        finish = "stop"
+                        break
+                    count += 1
+                    if token not in self.specials:  # tool-call markers are not part of the text
+                        pieces.append(text.push(token))
+                if "".join(pieces):
+                    yield {"text": "".join(pieces)}
+                chunk = await anext(tokens, None)
+        except RequestTimeout as e:
+            yield {"error": str(e), "status": 504}
+            return
+        finally:
+            await tokens.aclose()  # a client that went away: the scheduler frees its slot
+        tail = text.flush()
+        if tail:
+            yield {"text": tail}
+        yield {"finish_reason": finish, "completion_tokens": count}
+
+    async def reload(self, checkpoint=None):
+        """Load another checkpoint (same tokenizer) and serve new requests with it; running requests finish
+        on the old weights, so nobody fails. Returns info()."""
+        async with self.reload_lock:
+            model, loaded = await asyncio.to_thread(self._load, checkpoint)
+            self.scheduler.reload(model)
+            self.checkpoint = loaded
+        return self.info()
+
+    def info(self):
+        return {"ready": True, "pid": os.getpid(), "device": str(self.device), "checkpoint": self.checkpoint}
+
+    def stats(self):
+        return {**self.scheduler.stats(), "pid": os.getpid(), "checkpoint": self.checkpoint["path"],
+                "step": self.checkpoint["step"]}
+
+    def pid(self):
+        return os.getpid()

@@ -1,0 +1,460 @@
+"""serve_app: the continuous-batching scheduler (no Ray), the HTTP layer against a fake engine (no Ray), then
+one real deployment on the session's Ray cluster, shared by the module: the OpenAI client, batching,
+limits, cancellation, the Gradio page in headless Chromium, a replica killed, checkpoint roll-outs."""
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from nanochat.checkpoint import build_model, checkpoint_dir
+from nanochat.engine import Engine
+from nanochat.gpt import GPTConfig
+from serve_app.random_model import save_random_checkpoint
+from serve_app.scheduler import RequestTimeout, Scheduler
+
+SEQ_LEN = 512
+CHROMIUM = "/usr/bin/chromium"
+
+
+def tiny_config(tok):
+    return GPTConfig(sequence_len=SEQ_LEN, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+
+
+def greedy_text(model, tok, messages, max_tokens):
+    """What the Engine answers, greedily, to a chat: (text, completion token count)."""
+    prompt = tok.render_for_completion({"messages": [*messages, {"role": "assistant", "content": ""}]})
+    tokens, _ = Engine(model, tok).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    return tok.decode(tokens[0]), len(tokens[0])
+
+
+# ---- the scheduler, without Ray ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(small_tokenizer):
+    return small_tokenizer[0]
+
+
+@pytest.fixture(scope="module")
+def local_model(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt") / "sft" / "local"
+    save_random_checkpoint(d, tok, tiny_config(tok))
+    return build_model(d, 0, "cpu")[0]
+
+
+async def collect(stream):
+    out = []
+    async for tokens in stream:
+        out += tokens
+    return out
+
+
+def test_scheduler_batches_queues_and_matches_engine(local_model, tok):
+    async def main():
+        scheduler = Scheduler(local_model, tok, max_batch=4)
+        prompt = tok.encode("Hello there", prepend="<|bos|>")
+        outs = await asyncio.gather(*[collect(scheduler.generate(prompt, 12, temperature=0.0)) for _ in range(10)])
+        return outs, scheduler.stats()
+    outs, stats = asyncio.run(main())
+    want = Engine(local_model, tok).generate_batch(tok.encode("Hello there", prepend="<|bos|>"), max_tokens=12,
+                                                   temperature=0.0)[0][0]
+    assert outs == [want] * 10  # 10 requests through 4 slots: 6 waited in the queue, none was dropped
+    assert stats["max_active"] == 4 and stats["requests_finished"] == 10 and stats["in_flight"] == 0
+    assert stats["mean_batch"] > 1
+
+
+def test_scheduler_cancel_timeout_seed_and_reload(local_model, tok, tmp_path):
+    prompt = tok.encode("Once upon a time", prepend="<|bos|>")
+
+    async def main():
+        scheduler = Scheduler(local_model, tok, max_batch=2)
+        stream = scheduler.generate(prompt, 400, temperature=1.0, seed=1)
+        await anext(stream)
+        await stream.aclose()  # the client went away
+        await asyncio.sleep(0.05)
+        after_cancel = scheduler.stats()
+        with pytest.raises(RequestTimeout):
+            await collect(scheduler.generate(prompt, 400, timeout_s=0.05))
+        a = await collect(scheduler.generate(prompt, 10, temperature=1.0, seed=7))
+        b = await collect(scheduler.generate(prompt, 10, temperature=1.0, seed=7))
+        with pytest.raises(ValueError, match="at most"):
+            await collect(scheduler.generate(list(range(SEQ_LEN)), 5))
+        # a reload mid-request: the running request finishes on the old weights, new ones use the new
+        long = asyncio.create_task(collect(scheduler.generate(prompt, 60, temperature=0.0)))
+        await asyncio.sleep(0.02)
+        other = tmp_path / "other"
+        save_random_checkpoint(other, tok, tiny_config(tok), seed=5)
+        new_model = build_model(other, 0, "cpu")[0]
+        scheduler.reload(new_model)
+        short = await collect(scheduler.generate(prompt, 8, temperature=0.0))
+        return after_cancel, a, b, await long, short, new_model, scheduler.stats()
+
+    after_cancel, a, b, long, short, new_model, stats = asyncio.run(main())
+    assert after_cancel["requests_cancelled"] == 1 and after_cancel["active"] == 0
+    assert stats["requests_timed_out"] == 1
+    assert a == b and len(a) == 10
+    assert long == Engine(local_model, tok).generate_batch(prompt, max_tokens=60, temperature=0.0)[0][0]
+    assert short == Engine(new_model, tok).generate_batch(prompt, max_tokens=8, temperature=0.0)[0][0]
+    assert stats["draining_decoders"] == 0 and stats["in_flight"] == 0
+
+
+# ---- the HTTP layer against a fake engine, without Ray ----------------------------------------------------
+
+class FakeStream:
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def fake_client(ready, config):
+    from fastapi.testclient import TestClient
+
+    from serve_app.api import EngineClient, build_api
+
+    class FakeEngine(EngineClient):
+        async def broadcast(self, method):
+            return [{"ready": True, "checkpoint": {"path": "/ckpt"}}] if ready else []  # none loaded yet
+
+        def generate(self, request):
+            if request["max_tokens"] == 99:
+                return FakeStream([{"prompt_tokens": 3}, {"text": "slow"}, {"error": "timed out", "status": 504}])
+            return FakeStream([{"prompt_tokens": 3}, {"text": "hi"}, {"finish_reason": "stop", "completion_tokens": 1}])
+
+    return TestClient(build_api(FakeEngine(None), config))
+
+
+def test_health_503_until_loaded_and_api_key():
+    from serve_app.api import ApiConfig
+    body = {"model": "nanochat", "messages": [{"role": "user", "content": "hey"}]}
+    loading = fake_client(False, ApiConfig(ui=False))
+    assert loading.get("/health").status_code == 503
+    client = fake_client(True, ApiConfig(ui=False, api_key="s3cret"))
+    assert client.get("/health").status_code == 200  # probes need no key
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        r = client.post("/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert client.get("/v1/models", headers=headers).status_code == 401
+    good = {"Authorization": "Bearer s3cret"}
+    r = client.post("/v1/chat/completions", json=body, headers=good)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi"
+    assert client.get("/v1/models", headers=good).json()["data"][0]["id"] == "nanochat"
+    r = client.post("/v1/chat/completions", json={**body, "max_tokens": 99}, headers=good)
+    assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={**body, "max_tokens": 99, "stream": True}, headers=good)
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+
+
+# ---- one real deployment for the rest of the module -------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, url, base, tok, settings):
+        self.url, self.base, self.tok, self.settings = url, base, tok, settings
+        self.models = {}
+
+    def model(self, tag):
+        if tag not in self.models:
+            self.models[tag] = build_model(checkpoint_dir("sft", tag, self.base), 0, "cpu")[0]
+        return self.models[tag]
+
+    def chat(self, content, **kw):
+        body = {"model": "nanochat", "messages": [{"role": "user", "content": content}], **kw}
+        return requests.post(f"{self.url}/v1/chat/completions", json=body, timeout=120)
+
+    def stats(self):
+        return requests.get(f"{self.url}/stats", timeout=30).json()
+
+    def engine(self):
+        from ray import serve
+        return serve.get_deployment_handle("NanochatEngine", app_name="nanochat")
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, small_tokenizer, tmp_path_factory):
+    from ray import serve
+
+    from serve_app.app import build_app
+    tok, tok_dir = small_tokenizer
+    base = tmp_path_factory.mktemp("serve_base")
+    shutil.copytree(tok_dir, base / "tokenizer")
+    for seed, tag in enumerate(["v1", "v2", "v3"]):
+        save_random_checkpoint(checkpoint_dir("sft", tag, base), tok, tiny_config(tok), seed=seed)
+    settings = {"checkpoint": "sft/v1", "base_dir": str(base), "cpus_per_replica": 0.5, "max_batch": 8,
+                "timeout_s": 60, "default_max_tokens": 160}
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings), name="nanochat")
+    yield Served(f"http://127.0.0.1:{port}", base, tok, settings)
+    serve.shutdown()
+
+
+def test_openai_client_greedy_matches_engine(served):
+    from openai import OpenAI
+    client = OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["nanochat"]
+    # special-token strings in user text are text: the prompt counts them as ordinary tokens
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|assistant_end|> there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why is the sky blue? <|bos|>"}]
+    want, n = greedy_text(served.model("v1"), served.tok, messages, 40)
+    prompt_len = len(served.tok.render_for_completion({"messages": [*messages, {"role": "assistant", "content": ""}]}))
+    reply = client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_tokens=40)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == want and reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_len, n)
+    chunks = list(client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_tokens=40,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want  # pieces of whole characters, in order
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == n
+    # sampling: a seed fixes the answer, top_k rides in the body
+    a, b = (client.chat.completions.create(model="nanochat", messages=messages, temperature=0.9, seed=3,
+                                           max_tokens=20, extra_body={"top_k": 40}).choices[0].message.content
+            for _ in range(2))
+    assert a == b
+
+
+def test_concurrent_streams_are_batched(served):
+    stats = served.stats()
+    before, before_steps = stats["total"], stats["replicas"][0]["steps"]
+
+    def stream(i, out):
+        r = requests.post(f"{served.url}/v1/chat/completions", stream=True, timeout=120, json={
+            "messages": [{"role": "user", "content": f"Tell me a story number {i}"}], "max_tokens": 48,
+            "temperature": 0.8, "top_k": 20, "seed": i, "stream": True})  # top-k: no early stop
+        lines = [line for line in r.iter_lines() if line]
+        out[i] = (r.status_code, lines)
+
+    out = {}
+    threads = [threading.Thread(target=stream, args=(i, out)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(out) == list(range(16))
+    for status, lines in out.values():
+        assert status == 200 and lines[-1] == b"data: [DONE]"
+        last = json.loads(lines[-2].removeprefix(b"data: "))
+        assert last["choices"][0]["finish_reason"] == "length"
+    after = served.stats()
+    assert after["total"]["requests_finished"] - before["requests_finished"] == 16
+    tokens = after["total"]["tokens_generated"] - before["tokens_generated"]
+    steps = after["replicas"][0]["steps"] - before_steps
+    assert tokens == 16 * 48
+    # 16 clients, 8 slots: batched together (up to the full batch), the rest queued, none dropped
+    assert 1 < after["total"]["max_active"] <= served.settings["max_batch"]
+    assert tokens / steps > 2, (tokens, steps)  # tokens per decode step: the mean batch size
+
+
+def test_short_request_overtakes_long_one(served):
+    done = {}
+
+    def run(name, max_tokens):
+        r = served.chat("Write a long essay about the sea.", max_tokens=max_tokens, temperature=0)
+        assert r.status_code == 200
+        done[name] = time.monotonic()
+
+    long = threading.Thread(target=run, args=("long", 400))
+    long.start()
+    deadline = time.monotonic() + 60
+    while served.stats()["total"]["active"] == 0:  # the long one is decoding
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    run("short", 4)
+    long.join()
+    assert done["short"] < done["long"]
+
+
+def test_limits_are_4xx(served):
+    url = f"{served.url}/v1/chat/completions"
+    user = {"role": "user", "content": "hi"}
+    cases = {
+        "body": (413, dict(data=b"{" + b" " * (2 << 20) + b"}")),
+        "json": (400, dict(data=b'{"messages": [')),
+        "not utf-8": (400, dict(data=b'{"messages": "\xff"}')),
+        "no messages": (400, dict(json={"messages": []})),
+        "too many": (400, dict(json={"messages": [user, {"role": "assistant", "content": "x"}] * 40 + [user]})),
+        "message chars": (400, dict(json={"messages": [{"role": "user", "content": "x" * 20_000}]})),
+        "total chars": (400, dict(json={"messages": [user, {"role": "assistant", "content": "y" * 15_000}] * 5
+                                        + [user]})),
+        "role": (400, dict(json={"messages": [{"role": "tool", "content": "hi"}]})),
+        "order": (400, dict(json={"messages": [user, user]})),
+        "last not user": (400, dict(json={"messages": [user, {"role": "assistant", "content": "x"}]})),
+        "empty": (400, dict(json={"messages": [{"role": "user", "content": "  "}]})),
+        "temperature": (400, dict(json={"messages": [user], "temperature": 2.5})),
+        "negative temperature": (400, dict(json={"messages": [user], "temperature": -1})),
+        "max_tokens": (400, dict(json={"messages": [user], "max_tokens": 0})),
+        "max_tokens high": (400, dict(json={"messages": [user], "max_tokens": 10**6})),
+        "top_k": (400, dict(json={"messages": [user], "top_k": 0})),
+        "n": (400, dict(json={"messages": [user], "n": 2})),
+        "content type": (400, dict(json={"messages": [{"role": "user", "content": 5}]})),
+        "not an object": (400, dict(json=[user])),
+        "context": (400, dict(json={"messages": [{"role": "user", "content": "word " * 3000}]})),
+    }
+    for name, (status, kw) in cases.items():
+        r = requests.post(url, timeout=60, **kw)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        message = r.json()["error"]["message"]
+        assert message and "Traceback" not in message, (name, message)
+    assert "max_tokens" in requests.post(url, json={"messages": [user], "max_tokens": 0}).json()["error"]["message"]
+    assert requests.get(f"{served.url}/health").json()["status"] == "ok"
+
+
+def test_disconnect_cancels_generation(served):
+    before = served.stats()["total"]["requests_cancelled"]
+    with requests.post(f"{served.url}/v1/chat/completions", stream=True, timeout=60, json={
+            "messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 480, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data: ")
+    deadline = time.monotonic() + 30
+    while not (served.stats()["total"]["requests_cancelled"] > before and served.stats()["total"]["active"] == 0):
+        assert time.monotonic() < deadline, served.stats()
+        time.sleep(0.1)
+
+
+# every change of the last assistant message's length, recorded in the page as it happens
+WATCH_REPLY = """() => { window.replyLengths = [];
+  new MutationObserver(() => { const bots = document.querySelectorAll('[data-testid=bot]');
+    if (bots.length) window.replyLengths.push(bots[bots.length - 1].innerText.length); })
+  .observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
+
+
+def test_gradio_page_streams_a_reply(served, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox"] if os.geteuid() == 0 else [])
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(served.url + "/", wait_until="domcontentloaded")  # redirects to /ui/
+        assert page.url.rstrip("/").endswith("/ui")
+        box = page.get_by_role("textbox").first
+        box.wait_for(timeout=60_000)
+        page.evaluate(WATCH_REPLY)
+        box.fill("Hello, who are you?")
+        box.press("Enter")
+        bot = page.locator("[data-testid=bot]").last
+        bot.wait_for(timeout=60_000)
+        text, deadline = None, time.monotonic() + 60
+        while bot.inner_text() != text:  # until the reply stops growing
+            assert time.monotonic() < deadline
+            text = bot.inner_text()
+            page.wait_for_timeout(1000)
+        lengths = page.evaluate("window.replyLengths")
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        user_text = page.locator("[data-testid=user]").last.inner_text()
+        browser.close()
+    assert "Hello, who are you?" in user_text and len(text) > 20
+    grew = sorted({n for n in lengths if n > 0})
+    assert len(grew) >= 5, lengths  # the reply appeared piece by piece, not at once
+    assert (tmp_path / "chat.png").stat().st_size > 10_000
+    if os.environ.get("NANOCHAT_SCREENSHOT_DIR"):  # a copy to look at
+        shutil.copy(tmp_path / "chat.png", Path(os.environ["NANOCHAT_SCREENSHOT_DIR"]) / "serve_ui.png")
+
+
+def test_killed_replica_is_replaced(served):
+    engine = served.engine()
+    (pid,) = engine.broadcast("pid").results(timeout_s=30)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:  # requests wait for (or retry onto) the replacement
+        assert time.monotonic() < deadline, "no replacement replica"
+        try:
+            r = served.chat("Are you back?", max_tokens=5, temperature=0)
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    new_pids = engine.broadcast("pid").results(timeout_s=30)
+    assert new_pids and pid not in new_pids
+    for _ in range(3):
+        assert served.chat("And now?", max_tokens=5).status_code == 200
+
+
+class Load:
+    """Clients sending short requests back to back (streaming and not) until stopped; counts failures."""
+
+    def __init__(self, served, clients=4):
+        self.served, self.stop, self.ok, self.failed = served, threading.Event(), 0, []
+        self.threads = [threading.Thread(target=self.client, args=(i,)) for i in range(clients)]
+
+    def client(self, i):
+        while not self.stop.is_set():
+            stream = i % 2 == 0
+            try:
+                r = self.served.chat(f"Client {i}: hello", max_tokens=16, stream=stream)
+                done = r.status_code == 200 and (not stream or r.text.rstrip().endswith("data: [DONE]"))
+                if not done or '"error"' in r.text:
+                    self.failed.append((r.status_code, r.text[:300]))
+                else:
+                    self.ok += 1
+            except requests.RequestException as e:
+                self.failed.append(repr(e))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def answer_is_from(served, tag):
+    messages = [{"role": "user", "content": "Which model are you?"}]
+    r = served.chat(messages[0]["content"], max_tokens=12, temperature=0)
+    return r.json()["choices"][0]["message"]["content"] == greedy_text(served.model(tag), served.tok, messages, 12)[0]
+
+
+def test_rollout_by_broadcast_reload_fails_no_request(served):
+    assert answer_is_from(served, "v1")
+    with Load(served) as load:
+        time.sleep(1)
+        infos = served.engine().broadcast("reload", "sft/v2").results(timeout_s=120)
+        time.sleep(1)
+    assert [i["checkpoint"]["path"].endswith("v2") for i in infos] == [True]
+    assert load.failed == [] and load.ok > 4
+    assert answer_is_from(served, "v2")
+
+
+def test_rollout_by_redeploy_fails_no_request(served):
+    from ray import serve
+
+    from serve_app.app import build_app
+    (old_pid,) = served.engine().broadcast("pid").results(timeout_s=30)
+    with Load(served) as load:
+        time.sleep(1)
+        serve.run(build_app({**served.settings, "checkpoint": "sft/v3"}), name="nanochat")  # rolling update
+        time.sleep(1)
+    assert load.failed == [] and load.ok > 4
+    assert served.engine().broadcast("pid").results(timeout_s=30) != [old_pid]
+    assert answer_is_from(served, "v3")
+    assert requests.get(f"{served.url}/health").json()["checkpoints"][0].endswith("v3")
