@@ -241,7 +241,10 @@ def main():
     args = parser.parse_args()
     from nanochat.common import setup_logging
     setup_logging()
-    paths = download_shards(args.num_shards, workers=args.workers, base_url=args.base_url, retries=args.retries)
+    try:
+        paths = download_shards(args.num_shards, workers=args.workers, base_url=args.base_url, retries=args.retries)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"{len(paths)} shards ready in {paths[0].parent}")
 
 

@@ -13,10 +13,14 @@ skipped) and packs them best-fit into rows of T+1 tokens (nanochat.dataloader.pa
 the < T+1 tokens left over. Train splits the rows across workers (`streaming_split(n, equal=True)`):
 disjoint, and equally many rows per worker, so every rank gets the same number of batches.
 
-Determinism: a batch's rows depend only on its documents, and with `preserve_order` (set on the
-dataset here and by `pretrain_data_config()`) batches are cut and split in file order. So the rows
-each worker sees are a function of (shard files, seed, tokenizer, seq_len, docs_per_batch, worker
-count); the number of actors, CPUs and timing do not change them.
+Determinism: a batch's rows depend only on its documents; each file is read by one task, so batch
+boundaries depend only on the files; and with `preserve_order` (set on the dataset here and by
+`pretrain_data_config()`) batches are packed and split in file order. So the rows each worker sees
+are a function of (shard files, seed, tokenizer, seq_len, docs_per_batch, worker count); the number
+of actors, CPUs and timing do not change them.
+
+Long documents: a document contributes at most T+1 tokens to a row, so only a prefix of a long text
+is encoded (nanochat.dataloader.tokenize_for_packing): on the mirror this halves tokenizing work.
 
 Resume: `packed_batches` yields state = {"epoch": e, "rows": r}, the rows this worker has consumed
 in epoch e. Ranks step in lockstep, so the state is the same on every rank: save rank 0's in the
@@ -82,7 +86,9 @@ def build_pretrain_dataset(tokenizer_dir, split: str = "train", seq_len: int = 2
     saved = ctx.use_datasource_v2, ctx.decoding_size_estimation
     ctx.use_datasource_v2 = ctx.decoding_size_estimation = False
     try:
-        ds = ray.data.read_parquet(paths, num_cpus=read_cpus).select_columns(["text"])
+        # one read task per file: block (hence batch) boundaries depend on the files alone, not on the
+        # parallelism Ray would pick for the cluster at hand
+        ds = ray.data.read_parquet(paths, num_cpus=read_cpus, override_num_blocks=len(paths)).select_columns(["text"])
     finally:
         ctx.use_datasource_v2, ctx.decoding_size_estimation = saved
     ds = ds.map_batches(

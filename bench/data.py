@@ -1,0 +1,131 @@
+"""Benchmark the pretraining data path: tokens/s per CPU core from parquet shards to packed rows.
+
+Ours: the Ray Data pipeline of ray_jobs/data.py (read tasks -> tokenize+pack actors), consumed by the
+driver; tokens/s is wall-clock over the whole run (start-up included) divided by every CPU given to
+Ray. Peer: one plain Python process doing the same work over the same files (read a row group,
+tiktoken-encode each document, best-fit pack), per its one core. Prints ONE JSON line.
+
+    NANOCHAT_MIRROR=../shared/datasets python bench/data.py [--tokenizer-dir DIR] [--ray-cpus 2]
+
+Without --tokenizer-dir, a tokenizer (--vocab-size) is trained on the first --tok-train-chars of
+the first shard with nanochat.tokenizer (rustbpe).
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--tokenizer-dir", default=None, help="a saved nanochat tokenizer (default: train one)")
+parser.add_argument("--vocab-size", type=int, default=8192, help="vocab of the tokenizer trained when none is given")
+parser.add_argument("--tok-train-chars", type=int, default=20_000_000, help="characters to train that tokenizer on")
+parser.add_argument("--num-shards", type=int, default=4, help="training shards to run over (from the start)")
+parser.add_argument("--passes", type=int, default=3, help="times over those shards (amortizes Ray's start-up)")
+parser.add_argument("--seq-len", type=int, default=2048)
+parser.add_argument("--ray-cpus", type=float, default=os.cpu_count(), help="logical CPUs given to Ray (all counted)")
+parser.add_argument("--num-actors", type=int, default=2, help="tokenize+pack actors")
+parser.add_argument("--actor-cpus", type=float, default=0.75)
+parser.add_argument("--read-cpus", type=float, default=0.25)
+parser.add_argument("--docs-per-batch", type=int, default=1024)
+parser.add_argument("--out", default=None, help="also write the JSON line to this file")
+
+
+def get_tokenizer_dir(args):
+    from nanochat.dataset import parquets_iter_batched
+    from nanochat.tokenizer import Tokenizer
+    if args.tokenizer_dir:
+        return args.tokenizer_dir
+
+    def texts():
+        total = 0
+        for batch in parquets_iter_batched("train"):
+            for text in batch:
+                yield text
+                total += len(text)
+                if total >= args.tok_train_chars:
+                    return
+
+    t0 = time.time()
+    tokenizer = Tokenizer.train_from_iterator(texts(), args.vocab_size)
+    directory = tokenizer.save(tempfile.mkdtemp(prefix="bench_tokenizer_"))
+    print(f"trained a {args.vocab_size} tokenizer in {time.time() - t0:.1f}s", file=sys.stderr)
+    return directory
+
+
+def run_peer(paths, tokenizer_dir, seq_len):
+    """One process, one core: the same read -> encode -> pack work as the pipeline's actors."""
+    from nanochat.dataloader import pack_documents, tokenize_for_packing
+    from nanochat.dataset import iter_row_groups
+    from nanochat.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    t0, rows = time.time(), 0
+    for _, texts in iter_row_groups(paths):
+        rows += len(pack_documents(tokenize_for_packing(tokenizer, texts, seq_len + 1), seq_len + 1))
+    return rows * (seq_len + 1), time.time() - t0
+
+
+def run_ray(paths, tokenizer_dir, args):
+    import ray
+    from ray_jobs.data import build_pretrain_dataset
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.time()
+        ds = build_pretrain_dataset(tokenizer_dir, shard_paths=paths, seq_len=args.seq_len,
+                                    docs_per_batch=args.docs_per_batch, num_actors=args.num_actors,
+                                    actor_cpus=args.actor_cpus, read_cpus=args.read_cpus)
+        rows, first = 0, None
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
+            rows += len(block["tokens"])
+            first = first or time.time()
+        end = time.time()
+    finally:
+        ray.shutdown()
+    return rows * (args.seq_len + 1), end - t0, first - t0
+
+
+def machine_info():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    import pyarrow
+    import ray
+    import tiktoken
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "ray": ray.__version__, "tiktoken": tiktoken.__version__,
+            "pyarrow": pyarrow.__version__, "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+
+
+def main(args):
+    from nanochat.dataset import list_shard_paths
+    from nanochat.tokenizer import Tokenizer
+    info = machine_info()
+    paths = list_shard_paths("train")[: args.num_shards] * args.passes
+    tokenizer_dir = get_tokenizer_dir(args)
+    peer_tokens, peer_s = run_peer(paths, tokenizer_dir, args.seq_len)
+    ray_tokens, ray_s, ray_startup_s = run_ray(paths, tokenizer_dir, args)
+    ours = ray_tokens / ray_s / args.ray_cpus
+    peer = peer_tokens / peer_s
+    result = {
+        "bench": "data", "what": "packed-row tokens/s per CPU core, parquet -> tokenize -> best-fit pack",
+        "shards": [p.name for p in paths[: args.num_shards]], "passes": args.passes, "seq_len": args.seq_len, "vocab_size": Tokenizer.from_directory(tokenizer_dir).get_vocab_size(),
+        "ray": {"tokens": ray_tokens, "wall_s": round(ray_s, 2), "startup_s": round(ray_startup_s, 2),
+                "ray_cpus": args.ray_cpus, "num_actors": args.num_actors, "actor_cpus": args.actor_cpus,
+                "read_cpus": args.read_cpus, "tokens_per_s_per_core": round(ours)},
+        "peer_single_process": {"tokens": peer_tokens, "wall_s": round(peer_s, 2), "cores": 1, "tokens_per_s_per_core": round(peer)},
+        "ratio_ours_vs_peer": round(ours / peer, 3), "target_tokens_per_s_per_core": 500_000,
+        "machine": info,
+    }
+    result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
