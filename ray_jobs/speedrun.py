@@ -16,18 +16,28 @@ from types import SimpleNamespace
 from nanochat.common import get_base_dir, setup_logging
 
 parser = argparse.ArgumentParser(description="nanochat speedrun: the whole pipeline")
-parser.add_argument("--preset", choices=["tiny", "d20", "d26", "d32"], default=None,
+parser.add_argument("--preset", choices=["tiny", "smoke", "d20", "d26", "d32"], default=None,
                     help="model/data scale (default: tiny without GPUs, d20 when every node has 8 GPUs)")
 parser.add_argument("--run", default="speedrun", help="run name: markers and the report go under <base>/runs/<run>")
 parser.add_argument("--restart", action="store_true", help="ignore completed phases and run everything again")
 parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray started when none runs")
 
-# Settings per preset. tiny: the whole pipeline on a 2-core CPU machine in minutes.
+# Settings per preset: how much data, and the flags each phase script gets.
+# tiny: the whole pipeline on a 2-core CPU machine in minutes; smoke: the same path, smaller still (tests).
 PRESETS = {
-    "tiny": dict(num_shards=4, tok_max_chars=20_000_000, vocab_size=8192),
-    "d20": dict(num_shards=240, tok_max_chars=2_000_000_000, vocab_size=65536),
-    "d26": dict(num_shards=450, tok_max_chars=2_000_000_000, vocab_size=65536),
-    "d32": dict(num_shards=800, tok_max_chars=2_000_000_000, vocab_size=65536),
+    "tiny": dict(num_shards=4, tok_max_chars=20_000_000, vocab_size=8192,
+                 base_train=["--preset", "tiny"], base_eval=["--max-per-task", "16"]),
+    "smoke": dict(num_shards=4, tok_max_chars=2_000_000, vocab_size=1024,
+                  base_train=["--preset", "tiny", "--depth", "2", "--head-dim", "32", "--max-seq-len", "128",
+                              "--device-batch-size", "4", "--total-batch-size", "1024", "--num-iterations", "20",
+                              "--eval-every", "10", "--save-every", "10", "--data-actor-cpus", "0.5"],
+                  base_eval=["--max-per-task", "2"]),
+    "d20": dict(num_shards=240, tok_max_chars=2_000_000_000, vocab_size=65536,
+                base_train=["--depth", "20", "--device-batch-size", "32"], base_eval=[]),
+    "d26": dict(num_shards=450, tok_max_chars=2_000_000_000, vocab_size=65536,
+                base_train=["--depth", "26", "--device-batch-size", "16"], base_eval=[]),
+    "d32": dict(num_shards=800, tok_max_chars=2_000_000_000, vocab_size=65536,
+                base_train=["--depth", "32", "--device-batch-size", "8"], base_eval=[]),
 }
 
 
@@ -87,9 +97,24 @@ def main(args):
             report.log(name, result)
         return result
 
+    def script_phase(name, module, flags, resumable=False):
+        """A phase whose script starts its own Ray Train run or Ray tasks from this driver. A Train phase
+        that crashed half-way left checkpoints: --resume makes it continue from them."""
+        def run():
+            args = module.parser.parse_args(flags + (["--resume"] if resumable else []))
+            result = module.main(args)
+            return module.report_section(dict(result), args)
+        result, skipped = phases.run(name, run)
+        if not skipped:
+            report.log(name, result)
+        return result
+
     phase("download", phase_download, preset.num_shards)
     phase("tok_train", phase_tok_train, preset.tok_max_chars, preset.vocab_size)
     phase("tok_eval", phase_tok_eval)
+    from ray_jobs import base_eval, base_train
+    script_phase("base_train", base_train, preset.base_train, resumable=not args.restart)
+    script_phase("base_eval", base_eval, preset.base_eval)
 
     path = report.generate()
     summary = {"preset": preset_name, "report": str(path), "wall_seconds": round(time.time() - t0, 1)}
