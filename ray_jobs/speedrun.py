@@ -10,6 +10,7 @@ starts over). Everything goes under $NANOCHAT_BASE_DIR (default ~/.cache/nanocha
 import argparse
 import json
 import logging
+import os
 import time
 from types import SimpleNamespace
 
@@ -21,24 +22,31 @@ parser.add_argument("--preset", choices=["tiny", "smoke", "d20", "d26", "d32"], 
 parser.add_argument("--run", default="speedrun", help="run name: markers and the report go under <base>/runs/<run>")
 parser.add_argument("--restart", action="store_true", help="ignore completed phases and run everything again")
 parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray started when none runs")
+parser.add_argument("--storage", default=None, help="base dir on storage every node sees (a shared file system path); "
+                    "default $NANOCHAT_BASE_DIR: everything (tokenizer, checkpoints, report) goes there")
+parser.add_argument("--no-rl", action="store_true", help="skip RL (and the chat eval after it)")
 
 # Settings per preset: how much data, and the flags each phase script gets.
 # tiny: the whole pipeline on a 2-core CPU machine in minutes; smoke: the same path, smaller still (tests).
+TINY_CHAT = dict(mid_train=["--preset", "tiny"], chat_sft=["--preset", "tiny"], chat_eval=["--preset", "tiny"],
+                 chat_rl=["--preset", "tiny"])
 PRESETS = {
     "tiny": dict(num_shards=4, tok_max_chars=20_000_000, vocab_size=8192,
-                 base_train=["--preset", "tiny"], base_eval=["--max-per-task", "16"]),
+                 base_train=["--preset", "tiny"], base_eval=["--max-per-task", "16"], **TINY_CHAT),
     "smoke": dict(num_shards=4, tok_max_chars=2_000_000, vocab_size=1024,
                   base_train=["--preset", "tiny", "--depth", "2", "--head-dim", "32", "--max-seq-len", "128",
                               "--device-batch-size", "4", "--total-batch-size", "1024", "--num-iterations", "20",
                               "--eval-every", "10", "--save-every", "10", "--data-actor-cpus", "0.5"],
-                  base_eval=["--max-per-task", "2"]),
-    "d20": dict(num_shards=240, tok_max_chars=2_000_000_000, vocab_size=65536,
-                base_train=["--depth", "20", "--device-batch-size", "32"], base_eval=[]),
-    "d26": dict(num_shards=450, tok_max_chars=2_000_000_000, vocab_size=65536,
-                base_train=["--depth", "26", "--device-batch-size", "16"], base_eval=[]),
-    "d32": dict(num_shards=800, tok_max_chars=2_000_000_000, vocab_size=65536,
-                base_train=["--depth", "32", "--device-batch-size", "8"], base_eval=[]),
+                  base_eval=["--max-per-task", "2"],
+                  mid_train=["--preset", "tiny", "--num-iterations", "10", "--task-limit", "40"],
+                  chat_sft=["--preset", "tiny", "--num-iterations", "8", "--task-limit", "24"],
+                  chat_eval=["--preset", "tiny", "--max-problems", "4", "--max-new-tokens", "16"],
+                  chat_rl=["--preset", "tiny"]),
 }
+for _name, _depth, _batch in (("d20", 20, 32), ("d26", 26, 16), ("d32", 32, 8)):
+    PRESETS[_name] = dict(num_shards={20: 240, 26: 450, 32: 800}[_depth], tok_max_chars=2_000_000_000, vocab_size=65536,
+                          base_train=["--depth", str(_depth), "--device-batch-size", str(_batch)], base_eval=[],
+                          mid_train=["--device-batch-size", str(_batch)], chat_sft=[], chat_eval=[], chat_rl=[])
 
 
 def pick_preset(requested, resources):
@@ -79,6 +87,8 @@ def main(args):
     from nanochat.report import get_report
     from ray_jobs.common import PhaseLog, init_ray, run_task
     t0 = time.time()
+    if args.storage:  # before Ray starts: every task and worker inherits the base dir through project_env()
+        os.environ["NANOCHAT_BASE_DIR"] = args.storage
     resources = init_ray(args.num_cpus)
     preset_name = pick_preset(args.preset, resources)
     preset = SimpleNamespace(**PRESETS[preset_name])
@@ -112,9 +122,14 @@ def main(args):
     phase("download", phase_download, preset.num_shards)
     phase("tok_train", phase_tok_train, preset.tok_max_chars, preset.vocab_size)
     phase("tok_eval", phase_tok_eval)
-    from ray_jobs import base_eval, base_train
-    script_phase("base_train", base_train, preset.base_train, resumable=not args.restart)
+    from ray_jobs import base_eval, base_train, chat_eval, chat_sft, mid_train
+    resumable = not args.restart
+    script_phase("base_train", base_train, preset.base_train, resumable)
     script_phase("base_eval", base_eval, preset.base_eval)
+    script_phase("mid_train", mid_train, preset.mid_train, resumable)
+    script_phase("chat_eval_mid", chat_eval, preset.chat_eval + ["--phase", "mid"])
+    script_phase("chat_sft", chat_sft, preset.chat_sft, resumable)
+    script_phase("chat_eval_sft", chat_eval, preset.chat_eval + ["--phase", "sft"])
 
     path = report.generate()
     summary = {"preset": preset_name, "report": str(path), "wall_seconds": round(time.time() - t0, 1)}
