@@ -101,9 +101,7 @@ def train_loop(config):
 
     w = source_worker(config, "sft")
     c, world = w.c, get_dist_info()[3]
-    T, B = w.model.config.sequence_len, c.device_batch_size
-    if c.examples_per_step % (B * world):
-        raise ValueError(f"--examples-per-step {c.examples_per_step} must be a multiple of device_batch_size * workers = {B * world}")
+    T, B = w.model.config.sequence_len, c.device_batch_size  # B * world divides examples_per_step: checked by the driver
     num_iterations = c.num_iterations if c.num_iterations > 0 else max(1, len(w.train_task) // c.examples_per_step * c.num_epochs)
     return run_source_loop(w, config, num_iterations, c.examples_per_step // (B * world),
                            lambda task, state: sft_batches(task, w.tokenizer, B, T, w.device, state))
@@ -115,6 +113,9 @@ def main(args):
     """Fine-tune the latest mid checkpoint (else base; or --source-*); returns rank 0's summary."""
     from tasks.smoltalk import SmolTalk
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
+    if args.examples_per_step % (args.device_batch_size * args.num_workers):
+        raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of device_batch_size * "
+                         f"workers = {args.device_batch_size * args.num_workers}")
     phases = [args.source_phase] if args.source_phase else ["mid", "base"]
     return train_from_source("sft", train_loop, args, phases, lambda: (
         train_mixture(args.task_limit, args.smoltalk_examples, args.identity_file), SmolTalk("test", stop=args.val_examples)))

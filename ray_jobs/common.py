@@ -459,16 +459,20 @@ def _wandb_log(run, data, step):
 
 # ---- phases that continue an earlier phase's checkpoint on conversations (mid, sft) ---------------------
 
-def train_from_source(phase, train_loop, args, source_phases, build_data):
+def train_from_source(phase, train_loop, args, source_phases, build_data, check=None):
     """Driver of mid/sft: find the source checkpoint (the first of source_phases that has one, or
-    --source-tag/--source-step), build the (train, validation) tasks with build_data() here, so that
-    a malformed row fails in the driver with its file and line rather than deep in a worker, ship them
-    to the workers through the object store, run the TorchTrainer. Returns rank 0's summary."""
+    --source-tag/--source-step), let check(its model config) refuse bad settings, build the (train,
+    validation) tasks with build_data() here, so that a malformed row fails in the driver with its file
+    and line rather than deep in a worker, ship them to the workers through the object store, run the
+    TorchTrainer. Returns rank 0's summary."""
     import ray
+    from nanochat.checkpoint import load_meta
     from nanochat.tokenizer import get_tokenizer_dir
     storage = args.storage or str(get_base_dir())
     source_phase, source_tag, source_step, source_dir = find_source(source_phases, args.source_tag, args.source_step, storage)
     args.source_phase, args.tag = source_phase, args.tag or source_tag
+    if check is not None:
+        check(load_meta(source_dir, source_step)["model_config"])
     train_task, val_task = build_data()
     logger.info("%s: %d training conversations, %d held out; from %s step %d", phase, len(train_task), len(val_task),
                 source_dir, source_step)

@@ -29,8 +29,8 @@ parser.add_argument("--source-step", type=int, default=None, help="base checkpoi
 # data
 parser.add_argument("--task-limit", type=int, default=None, help="at most this many examples of each task (default: all)")
 parser.add_argument("--identity-file", default=None, help="identity conversations, JSONL (default: tasks/identity_conversations.jsonl)")
-parser.add_argument("--val-examples", type=int, default=2000, help="held-out conversations for the validation bpb")
-parser.add_argument("--eval-steps", type=int, default=20, help="validation batches per worker per evaluation")
+parser.add_argument("--val-examples", type=int, default=5000, help="held-out conversations for the validation bpb")
+parser.add_argument("--eval-steps", type=int, default=4, help="validation batches per worker per evaluation")
 # batch and length (the sequence length is the base model's)
 parser.add_argument("--device-batch-size", type=int, default=32, help="rows per worker per micro-step")
 parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all workers)")
@@ -108,10 +108,7 @@ def train_loop(config):
     w = source_worker(config, "mid")
     c, world = w.c, get_dist_info()[3]
     T, B = w.model.config.sequence_len, c.device_batch_size
-    tokens_per_micro = B * T * world
-    if c.total_batch_size % tokens_per_micro:
-        raise ValueError(f"--total-batch-size {c.total_batch_size} must be a multiple of device_batch_size * "
-                         f"sequence_len * workers = {tokens_per_micro}")
+    tokens_per_micro = B * T * world  # divides total_batch_size: checked by the driver
     num_iterations = c.num_iterations
     if num_iterations <= 0:  # one pass: every worker counts its share's tokens, all agree on the total
         total = torch.tensor(float(count_tokens(w.train_task, w.tokenizer, T)), device=w.device)
@@ -127,8 +124,14 @@ def train_loop(config):
 def main(args):
     """Midtrain the latest (or --source-tag/--source-step) base checkpoint; returns rank 0's summary."""
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
+
+    def check(model_config):
+        tokens_per_micro = args.device_batch_size * model_config["sequence_len"] * args.num_workers
+        if args.total_batch_size % tokens_per_micro:
+            raise ValueError(f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size * "
+                             f"sequence_len * workers = {tokens_per_micro}")
     return train_from_source("mid", train_loop, args, ["base"],
-                             lambda: (train_mixture(args.task_limit, args.identity_file), val_mixture(args.val_examples)))
+                             lambda: (train_mixture(args.task_limit, args.identity_file), val_mixture(args.val_examples)), check)
 
 
 def report_section(summary, args):

@@ -181,3 +181,10 @@ def test_bad_conversation_is_named_by_the_driver(ray_cluster, chat_setup, tmp_pa
 def test_sft_without_a_checkpoint_says_so(small_tokenizer):
     with pytest.raises(CheckpointError, match="no complete checkpoint for phase mid or base"):
         chat_sft.main(chat_sft.parser.parse_args(WORKER_FLAGS))
+
+
+def test_bad_batch_settings_are_refused_by_the_driver(chat_setup):
+    with pytest.raises(ValueError, match=r"--total-batch-size 1000 must be a multiple of .* = 512"):
+        mid_train.main(mid_train.parser.parse_args(WORKER_FLAGS + ["--device-batch-size", "2", "--total-batch-size", "1000"]))
+    with pytest.raises(ValueError, match=r"--examples-per-step 10 must be a multiple of .* = 4"):
+        chat_sft.main(chat_sft.parser.parse_args(WORKER_FLAGS + ["--device-batch-size", "2", "--examples-per-step", "10"]))
