@@ -46,15 +46,22 @@ def test_tiny_run_trains_and_checkpoints(base_setup, tmp_path):
 
 
 def _train_worker_pids():
-    """Ray names its worker processes after the actor class (ray::RayTrainWorker...)."""
+    """This session's Ray Train worker processes: Ray names them after the actor class
+    (ray::RayTrainWorker...), and their parent is this session's raylet (other Ray instances on the
+    machine have their own)."""
+    import ray
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     pids = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"RayTrainWorker" in f.read():
-                    pids.append(int(entry))
-        except (OSError, ValueError):
-            pass
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RayTrainWorker" in cmdline and ppid == raylet:
+            pids.append(int(entry))
     return pids
 
 
