@@ -1,10 +1,12 @@
 """python -m serve_app [flags]: start (or join) Ray and serve the app over HTTP until Ctrl-C.
 
     python -m serve_app --checkpoint sft/d20 --replicas 2 --port 8000
-    python -m serve_app --reload sft/d21      # roll a new checkpoint onto the running app's replicas
+    python -m serve_app --reload sft/d21      # load a new checkpoint into the running app's replicas
+                                              # (on the cluster at $RAY_ADDRESS, or the `ray start` one)
 
 Flags: see `python -m serve_app --help` (serve_app/app.py).
 """
+import os
 import sys
 import time
 
@@ -22,12 +24,14 @@ def main(argv=None):
     p.add_argument("--reload", metavar="CHECKPOINT", default=None,
                    help="do not deploy: load CHECKPOINT into every replica of the running app, then exit")
     args = p.parse_args(argv)
-    init_ray()
     if args.reload is not None:
+        import ray
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))  # the running cluster, never a fresh one
         engine = serve.get_deployment_handle("NanochatEngine", app_name=APP_NAME)
         for info in engine.broadcast("reload", args.reload).results():
             print(f"replica {info['pid']}: {info['checkpoint']['path']} step {info['checkpoint']['step']}")
         return 0
+    init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(args), name=APP_NAME, route_prefix=args.route_prefix)
     print(f"serving on http://{args.host}:{args.port}{args.route_prefix} (Ctrl-C stops)", flush=True)

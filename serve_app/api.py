@@ -9,7 +9,7 @@
 
 Requests are checked here, before any engine work: body size, JSON, the pydantic request model, then
 the limits (message count, characters per message and in total, roles and their order, ranges).
-With an API key set, /v1/* and /stats need `Authorization: Bearer <key>`.
+With an API key set, /v1/* and /stats need `Authorization: Bearer <key>`, and the page asks for the key.
 """
 import asyncio
 import hmac
@@ -261,7 +261,10 @@ def build_api(engine: EngineClient, config: ApiConfig) -> FastAPI:
         import gradio as gr
 
         from serve_app.ui import build_ui
-        app = gr.mount_gradio_app(app, build_ui(engine, config), path="/ui")
+        # with an API key, the page asks for it at a login form (any user name, the key as password)
+        auth = None if config.api_key is None else (
+            lambda user, password: hmac.compare_digest(password.encode(), config.api_key.encode()))
+        app = gr.mount_gradio_app(app, build_ui(engine, config), path="/ui", auth=auth)
     return app
 
 

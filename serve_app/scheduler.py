@@ -205,7 +205,9 @@ class Scheduler:
         c = self.counts
         now = time.monotonic()
         recent = [n for t, n in self.recent if t >= now - self.window_s]
-        active = sum(d.stats()["active"] for d in self._busy_decoders())
+        decoders = [*self.draining, self.decoder]
+        active = sum(d.stats()["active"] for d in decoders)
+        kv = [d.cache.kv for d in decoders if d.cache.kv is not None]  # allocated at the first request
         return {
             "requests_total": c["requests"], "requests_finished": c["finished"],
             "requests_cancelled": c["cancelled"], "requests_timed_out": c["timed_out"],
@@ -216,5 +218,6 @@ class Scheduler:
             "mean_batch": round(c["tokens"] / c["steps"], 2) if c["steps"] else 0.0,
             "tokens_per_s": round(sum(recent) / self.window_s, 2),
             "tokens_per_busy_s": round(c["tokens"] / c["busy_s"], 2) if c["busy_s"] else 0.0,
+            "kv_cache_mb": round(sum(t.numel() * t.element_size() for t in kv) / 2**20, 1),
             "draining_decoders": len(self.draining),
         }
