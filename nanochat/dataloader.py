@@ -10,7 +10,9 @@ Ray Data pipeline of ray_jobs/data.py.
 
 Resume state of `tokenizing_distributed_data_loader`: {"epoch": e, "row_group": g, "doc": d}, the
 position just after the last document taken into the packer. Documents still buffered when a
-checkpoint is written are dropped on resume (never seen, never repeated).
+checkpoint is written are dropped on resume (never seen, never repeated). Each rank has its own
+state: save them all (rank r resumes from its own); rank 0's alone is close for every rank, but then
+other ranks may repeat or skip a few documents.
 """
 import bisect
 import logging

@@ -67,11 +67,13 @@ class TokenizeAndPack:
 
 def build_pretrain_dataset(tokenizer_dir, split: str = "train", seq_len: int = 2048, *, shard_paths=None,
                            seed: int | None = None, docs_per_batch: int = 1024, num_actors: int = 1,
-                           actor_cpus: float = 1.0, read_cpus: float = 0.25) -> "ray.data.Dataset":
+                           actor_cpus: float = 1.0, read_cpus: float = 0.25,
+                           actor_start_timeout_s: int = 600) -> "ray.data.Dataset":
     """A Ray Dataset of packed rows {"tokens": int32[seq_len + 1]} from the split's shards (or
     `shard_paths`), in file order, or in an order shuffled by `seed`. Checks every file up front, so a
     missing, corrupt or text-less shard fails here with its name instead of deep inside a read task.
-    Size the actor pool so reads keep CPUs: with 2 CPUs, 2 actors at num_cpus=1 starve the reads."""
+    Size the actor pool so reads keep CPUs: with 2 CPUs, 2 actors at num_cpus=1 starve the reads; if
+    the actors cannot start within actor_start_timeout_s, iterating raises instead of hanging."""
     paths = [str(p) for p in (shard_paths if shard_paths is not None else list_shard_paths(split))]
     if not paths:
         raise ValueError("no shard files given")
@@ -100,6 +102,9 @@ def build_pretrain_dataset(tokenizer_dir, split: str = "train", seq_len: int = 2
         num_cpus=actor_cpus,
     )
     ds.context.execution_options.preserve_order = True
+    # an actor pool that cannot get its CPUs (e.g. Train workers took them) would wait silently forever:
+    # fail with Ray's "Timed out while starting actors" instead
+    ds.context.wait_for_min_actors_s = actor_start_timeout_s
     ds.set_name(f"pretrain_{split}")  # the name shown in the dashboard's Data tab
     return ds
 

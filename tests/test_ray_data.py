@@ -105,6 +105,13 @@ def test_bad_shard_fails_before_ray_runs(shards, tmp_path):
         build_pretrain_dataset(tok_dir, shard_paths=paths + [bad])
 
 
+def test_actor_pool_without_cpus_fails_instead_of_hanging(ray_cluster, shards):
+    import ray
+    ds = build(shards, actor_cpus=64, actor_start_timeout_s=3)  # the test cluster has 4 CPUs
+    with pytest.raises(ray.exceptions.GetTimeoutError, match="starting actors"):
+        ds.take(1)
+
+
 def test_val_batches_read_this_ranks_part_of_the_validation_shard(tmp_path, monkeypatch):
     make_pretrain_dir(tmp_path, num_files=2, docs_per_file=40)
     monkeypatch.setenv("NANOCHAT_MIRROR", str(tmp_path))
