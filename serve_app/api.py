@@ -162,12 +162,21 @@ class EngineClient:
     async def start(self, request):
         """Start a generation: (stream, prompt_tokens), or ApiError when the engine refuses the request."""
         stream = self.generate(request)
-        first = await anext(stream)
+        try:
+            first = await anext(stream)
+        except BaseException:  # the client left while the request waited for a slot (or the replica died)
+            stream.cancel()
+            raise
         if "error" in first:
             stream.cancel()
             raise ApiError(first["status"], first["error"], kind="invalid_request_error"
                            if first["status"] < 500 else "timeout")
         return stream, first["prompt_tokens"]
+
+
+# counters that add up over replicas, for /stats' "total"
+SUMMED_STATS = ("requests_total", "requests_finished", "requests_cancelled", "requests_timed_out", "requests_failed",
+                "in_flight", "queue_depth", "active", "tokens_generated", "tokens_per_s", "kv_cache_mb")
 
 
 # ---- the app -----------------------------------------------------------------------------------------
@@ -219,9 +228,7 @@ def build_api(engine: EngineClient, config: ApiConfig) -> FastAPI:
     async def stats(request: Request):
         check_key(request)
         replicas = await engine.broadcast("stats")
-        total = {k: sum(r[k] for r in replicas) for k in ("requests_total", "requests_finished",
-                 "requests_cancelled", "requests_timed_out", "requests_failed", "in_flight", "queue_depth",
-                 "active", "tokens_generated", "tokens_per_s")}
+        total = {k: sum(r[k] for r in replicas) for k in SUMMED_STATS}
         total["max_active"] = max((r["max_active"] for r in replicas), default=0)
         return {"replicas": replicas, "total": total}
 

@@ -1,7 +1,8 @@
 """The engine deployment: each replica holds one chat model and decodes every request it is given in one
 continuously batched loop (serve_app/scheduler.py). Replicas are reached through a Serve handle, by the
-HTTP ingress and the Gradio page alike; `generate` streams, the rest are small control calls
-(`info`, `stats`, `reload`, `pid`) that the ingress sends to every replica with handle.broadcast.
+HTTP ingress and the Gradio page alike: `generate` streams one answer; `info` and `stats` are control
+calls the ingress sends to every replica at once (handle.broadcast); so is `reload` (a checkpoint roll-out,
+`python -m serve_app --reload ...`); `pid` is for tests that kill a replica.
 
 A checkpoint is named by a directory: a step directory (…/step_000123), a tag directory (its last
 step), or a path relative to <base>/checkpoints (e.g. "sft/d20"); none means the latest chat checkpoint

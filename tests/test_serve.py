@@ -145,12 +145,8 @@ def test_health_503_until_loaded_and_api_key():
     body = {"model": "nanochat", "messages": [{"role": "user", "content": "hey"}]}
     loading = fake_client(False, ApiConfig(ui=False))
     assert loading.get("/health").status_code == 503
-    client = fake_client(True, ApiConfig(api_key="s3cret"))
+    client = fake_client(True, ApiConfig(ui=False, api_key="s3cret"))
     assert client.get("/health").status_code == 200  # probes need no key
-    assert client.get("/ui/config").status_code == 401  # the page wants the key at its login form
-    assert client.post("/ui/login", data={"username": "me", "password": "wrong"}).status_code == 400
-    assert client.post("/ui/login", data={"username": "me", "password": "s3cret"}).status_code == 200
-    assert client.get("/ui/config").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
         r = client.post("/v1/chat/completions", json=body, headers=headers)
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
@@ -164,6 +160,16 @@ def test_health_503_until_loaded_and_api_key():
     r = client.post("/v1/chat/completions", json={**body, "max_tokens": 99, "stream": True}, headers=good)
     events = [line for line in r.text.splitlines() if line.startswith("data: ")]
     assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+
+
+def test_page_asks_for_the_api_key():
+    from serve_app.api import ApiConfig
+    client = fake_client(True, ApiConfig(api_key="s3cret"))
+    assert client.get("/ui/config").status_code == 401  # the page shows a login form first
+    assert client.post("/ui/login", data={"username": "me", "password": "wrong"}).status_code == 400
+    assert client.post("/ui/login", data={"username": "me", "password": "s3cret"}).status_code == 200
+    assert client.get("/ui/config").status_code == 200
+    assert fake_client(True, ApiConfig()).get("/ui/config").status_code == 200  # no key: an open page
 
 
 # ---- one real deployment for the rest of the module -------------------------------------------------------
