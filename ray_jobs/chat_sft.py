@@ -17,7 +17,7 @@ position saved is this worker's example index (and epoch).
 """
 import argparse
 
-from ray_jobs.common import add_training_flags, apply_preset, report_training, run_phase_script, train_from_source
+from ray_jobs.common import add_training_flags, apply_preset, examples_only, report_training, run_phase_script, train_from_source
 
 parser = argparse.ArgumentParser(description="Supervised fine-tuning on Ray Train")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: CPU, 2 workers, a small mixture, minutes")
@@ -118,7 +118,8 @@ def main(args):
                          f"workers = {args.device_batch_size * args.num_workers}")
     phases = [args.source_phase] if args.source_phase else ["mid", "base"]
     return train_from_source("sft", train_loop, args, phases, lambda: (
-        train_mixture(args.task_limit, args.smoltalk_examples, args.identity_file), SmolTalk("test", stop=args.val_examples)))
+        examples_only(train_mixture(args.task_limit, args.smoltalk_examples, args.identity_file)),
+        examples_only(SmolTalk("test", stop=args.val_examples))))
 
 
 def report_section(summary, args):

@@ -483,6 +483,15 @@ def train_from_source(phase, train_loop, args, source_phases, build_data, check=
     return fit(build_trainer(train_loop, config, phase), run_dir)
 
 
+def examples_only(task):
+    """The task's conversations (after its slicing and mixing) as a plain list-backed Task: what training
+    workers need, without the rest of the source files that a slice of a dataset still holds."""
+    from tasks.common import Task
+    examples = Task()
+    examples.conversations = list(task)
+    return examples
+
+
 def source_worker(config, phase):
     """Worker side of mid/sft, before the loop: device, tokenizer, the tasks from the driver, and model +
     optimizers (resumed from this phase's last checkpoint, else the source's weights, fresh optimizers)."""

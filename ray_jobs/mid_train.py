@@ -19,7 +19,7 @@ validation bits per byte on held-out conversations) works as in base_train (ray_
 """
 import argparse
 
-from ray_jobs.common import add_training_flags, apply_preset, report_training, run_phase_script, train_from_source
+from ray_jobs.common import add_training_flags, apply_preset, examples_only, report_training, run_phase_script, train_from_source
 
 parser = argparse.ArgumentParser(description="Midtraining on Ray Train")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: CPU, 2 workers, a small mixture, minutes")
@@ -130,8 +130,8 @@ def main(args):
         if args.total_batch_size % tokens_per_micro:
             raise ValueError(f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size * "
                              f"sequence_len * workers = {tokens_per_micro}")
-    return train_from_source("mid", train_loop, args, ["base"],
-                             lambda: (train_mixture(args.task_limit, args.identity_file), val_mixture(args.val_examples)), check)
+    return train_from_source("mid", train_loop, args, ["base"], lambda: (
+        examples_only(train_mixture(args.task_limit, args.identity_file)), examples_only(val_mixture(args.val_examples))), check)
 
 
 def report_section(summary, args):
