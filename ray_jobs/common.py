@@ -32,7 +32,10 @@ def init_ray(num_cpus=None):
     Returns the cluster's resources."""
     import ray
     if not ray.is_initialized():
-        env = {"env_vars": project_env()}
+        # under `ray job submit` the job's runtime env already sets some of these: Ray refuses to merge
+        # two values for one variable, so leave those to the job
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
+        env = {"env_vars": {k: v for k, v in project_env().items() if k not in job_env}}
         address = os.environ.get("RAY_ADDRESS") or "auto"
         try:
             if address == "local":

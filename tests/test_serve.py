@@ -355,7 +355,7 @@ WATCH_REPLY = """() => { window.replyLengths = [];
 
 def test_gradio_page_streams_a_reply(served, tmp_path):
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+        pytest.fail(f"no Chromium at {CHROMIUM}: the chat page test needs it (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
