@@ -130,6 +130,10 @@ def main(args):
     script_phase("chat_eval_mid", chat_eval, preset.chat_eval + ["--phase", "mid"])
     script_phase("chat_sft", chat_sft, preset.chat_sft, resumable)
     script_phase("chat_eval_sft", chat_eval, preset.chat_eval + ["--phase", "sft"])
+    if not args.no_rl:
+        from ray_jobs import chat_rl
+        script_phase("chat_rl", chat_rl, preset.chat_rl, resumable)
+        script_phase("chat_eval_rl", chat_eval, preset.chat_eval + ["--phase", "rl"])
 
     path = report.generate()
     summary = {"preset": preset_name, "report": str(path), "wall_seconds": round(time.time() - t0, 1)}

@@ -1,0 +1,115 @@
+"""End to end: the speedrun submitted with `ray job submit --working-dir .` to a local `ray start --head`,
+its driver killed (SIGKILL) after a phase has finished, submitted again: the second run skips the
+finished phases and leaves every checkpoint and a complete report.md."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# another Ray on this machine (the test session's own) holds the default ports: pick free ones
+DASHBOARD_PORT = free_port()
+
+
+def _ray(*args, env, timeout=120):
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def head_node(tmp_path, mirror_dir):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NANOCHAT_MIRROR": str(mirror_dir)}
+    env.pop("RAY_ADDRESS", None)
+    # its own session dir (never confused with the test session's Ray), short: unix socket paths are <= 107 bytes
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
+    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")]
+    started = _ray("start", "--head", "--num-cpus", "4", "--dashboard-port", str(DASHBOARD_PORT), *ports,
+                   "--include-dashboard", "true", f"--temp-dir={temp_dir}", "--disable-usage-stats", env=env, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield env
+    # `ray stop` would also stop the test session's own Ray: kill only this head's processes (their
+    # command lines name its temp dir); its workers exit with their raylet
+    for pid in pids_matching(str(temp_dir).encode()):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(env, base_dir, wait=True):
+    runtime_env = {"env_vars": {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_MIRROR": env["NANOCHAT_MIRROR"]},
+                   "excludes": [".venv", "rustbpe/target", ".git"]}
+    cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps(runtime_env), "--entrypoint-num-cpus", "0"]
+    if not wait:
+        cmd.append("--no-wait")
+    cmd += ["--", sys.executable, "ray_jobs/speedrun.py", "--preset", "smoke"]
+    deadline = time.time() + 180
+    while True:  # right after `ray start` the job agent may not be up yet
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
+        if "No available agent to submit job" not in result.stderr or time.time() > deadline:
+            return result
+        time.sleep(3)
+
+
+def pids_matching(needle: bytes, unless: bytes = b"\x00\x00"):
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if needle in cmdline and unless not in cmdline and int(entry) != os.getpid():
+            pids.append(int(entry))
+    return pids
+
+
+def driver_pids():
+    return pids_matching(b"ray_jobs/speedrun.py", unless=b"job\x00submit")
+
+
+def test_speedrun_resumes_after_driver_killed(head_node, tmp_path):
+    base_dir = tmp_path / "base"
+    phases = base_dir / "runs" / "speedrun" / "phases"
+    first = submit(head_node, base_dir, wait=False)
+    assert first.returncode == 0, first.stdout + first.stderr
+    deadline = time.time() + 900
+    while not (phases / "base_train.done").exists():
+        assert time.time() < deadline, "base_train never finished"
+        time.sleep(1)
+    for pid in driver_pids():
+        os.kill(pid, signal.SIGKILL)  # the driver dies between phases, from outside
+    done_before = sorted(p.stem for p in phases.glob("*.done"))
+    assert "base_train" in done_before and "chat_eval_rl" not in done_before
+
+    second = submit(head_node, base_dir)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-5000:]
+    for phase in done_before:
+        assert f"phase {phase}: already complete, skipped" in out
+    for phase in ("base", "mid", "sft", "rl"):
+        assert list((base_dir / "checkpoints" / phase).glob("*/step_*/meta.json")), f"no {phase} checkpoint"
+    report = (base_dir / "runs" / "speedrun" / "report" / "report.md").read_text()
+    summary = report[report.index("## Summary"):report.index("##", report.index("## Summary") + 5)]
+    assert "| CORE |" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "metric" not in line]
+    filled = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in rows}
+    assert filled["CORE"][0] != "-"
+    for metric in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"):
+        assert all(v != "-" for v in filled[metric][1:]), (metric, filled[metric])
+    assert "![base_train loss](plots/base_train_loss.png)" in report
