@@ -23,7 +23,10 @@ current weights, and its share of the batch is sampled again (same seeds: the sa
 problems: pass@k is the share of problems with at least one right answer.
 
 Resources: trainer workers as in the other phases (a GPU each, or --cpus-per-worker CPUs); each rollout
-actor declares --actor-cpus and --actor-gpus (a fraction lets actors share a GPU). Checkpoints, resume
+actor declares --actor-cpus and --actor-gpus. The defaults fit one 8-GPU node: 6 trainer workers and 2
+actors with a GPU each. A fraction (--actor-gpus 0.5) packs several actors on one GPU; sharing a GPU with
+a trainer worker would need the trainer to ask for a fraction too (build_trainer asks for whole GPUs).
+On CPU, 2 workers at 1 CPU + 2 actors at 0.5 CPU fit a 4-logical-CPU local Ray. Checkpoints, resume
 (step, data position, curves), SIGTERM stop and the NaN guard work as in the other training phases; the
 sampling seeds derive from (--seed, step, prompt), so a resumed run samples what it would have.
 """
@@ -62,7 +65,7 @@ parser.add_argument("--actor-gpus", type=float, default=None, help="GPU share of
 parser.add_argument("--eval-examples", type=int, default=400, help="test problems in each pass@k evaluation")
 parser.add_argument("--eval-samples", type=int, default=8, help="k of pass@k")
 # optimization (small learning rates: the policy is already good), intervals, cluster, bookkeeping
-add_training_flags(parser, init_lr_frac=0.05, warmdown_ratio=1.0, eval_every=60, save_every=60)
+add_training_flags(parser, init_lr_frac=0.05, warmdown_ratio=1.0, eval_every=60, save_every=60, num_workers=6)
 
 # tiny: a 2-core CPU box; embeddings barely move (Adam's first steps on noisy RL gradients scramble them)
 TINY = dict(task="simple-arith", num_steps=30, examples_per_step=8, num_samples=8, max_new_tokens=48, top_k=0,
@@ -493,7 +496,12 @@ def main(args):
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
     if args.examples_per_step < args.num_workers:
         raise ValueError(f"--examples-per-step {args.examples_per_step} leaves some of the {args.num_workers} workers no prompt")
-    return train_from_source("rl", train_loop, args, [args.source], lambda: build_tasks(args.task, args.train_examples))
+
+    def check(model_config):
+        if args.max_new_tokens >= model_config["sequence_len"]:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the source model's "
+                             f"context of {model_config['sequence_len']} tokens")
+    return train_from_source("rl", train_loop, args, [args.source], lambda: build_tasks(args.task, args.train_examples), check)
 
 
 def report_section(summary, args):

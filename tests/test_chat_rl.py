@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from nanochat.checkpoint import find_last_step, save_checkpoint
+from nanochat.checkpoint import find_last_step, load_meta, save_checkpoint
 from nanochat.common import get_base_dir
 from nanochat.gpt import GPTConfig, create_model
 from nanochat.tokenizer import get_tokenizer_dir
@@ -151,6 +151,13 @@ def rl_args(*extra):
     return chat_rl.parser.parse_args(flags + list(extra))
 
 
+def test_bad_settings_stop_the_driver_before_ray_starts(rl_setup):
+    with pytest.raises(ValueError, match="max-new-tokens"):
+        chat_rl.main(rl_args("--max-new-tokens", "128"))  # the tiny model's whole context
+    with pytest.raises(ValueError, match="examples-per-step"):
+        chat_rl.main(rl_args("--examples-per-step", "1"))  # 2 workers
+
+
 # ---- weight sync -----------------------------------------------------------------------------------------
 
 def test_weight_sync_reaches_every_actor_and_stale_rollouts_are_refused(ray_cluster, small_tokenizer, tmp_path):
@@ -213,7 +220,7 @@ class ActorKiller(threading.Thread):
             time.sleep(0.5)
 
 
-def test_tiny_rl_run_raises_the_reward_and_replaces_a_killed_actor(ray_cluster, rl_setup):
+def test_tiny_rl_run_raises_the_reward_replaces_a_killed_actor_and_resumes(ray_cluster, rl_setup):
     # 32 training problems, 8 per step: every 4 steps the same problems come back, so the first and the
     # last 4 steps compare the same problems (sampling noise only, not the problems' difficulty)
     steps = 24
@@ -240,3 +247,9 @@ def test_tiny_rl_run_raises_the_reward_and_replaces_a_killed_actor(ray_cluster, 
     assert set(summary["timing"]) >= {"generate_share", "update_share", "sync_share"}
     ckpt_dir = get_base_dir() / "checkpoints" / "rl" / "tiny"
     assert find_last_step(ckpt_dir) == steps and (ckpt_dir / "step_000012").is_dir()
+
+    # --resume continues from the last checkpoint: its step, data position and curves
+    resumed = chat_rl.main(rl_args("--train-examples", "32", "--num-steps", str(steps + 1), "--eval-every", "-1", "--resume"))
+    assert resumed["status"] == "finished" and resumed["step"] == steps + 1 and resumed["starts"] == [0, steps]
+    assert resumed["curves"]["reward"]["y"][:steps] == rewards and len(resumed["curves"]["reward"]["y"]) == steps + 1
+    assert load_meta(ckpt_dir, steps + 1)["data_state"] == {"example": 8 * (steps + 1)}
