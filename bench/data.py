@@ -26,7 +26,7 @@ parser.add_argument("--tokenizer-dir", default=None, help="a saved nanochat toke
 parser.add_argument("--vocab-size", type=int, default=8192, help="vocab of the tokenizer trained when none is given")
 parser.add_argument("--tok-train-chars", type=int, default=20_000_000, help="characters to train that tokenizer on")
 parser.add_argument("--num-shards", type=int, default=4, help="training shards to run over (from the start)")
-parser.add_argument("--passes", type=int, default=3, help="times over those shards (amortizes Ray's start-up)")
+parser.add_argument("--passes", type=int, default=6, help="times over those shards (amortizes Ray's start-up)")
 parser.add_argument("--seq-len", type=int, default=2048)
 parser.add_argument("--ray-cpus", type=float, default=os.cpu_count(), help="logical CPUs given to Ray (all counted)")
 parser.add_argument("--num-actors", type=int, default=2, help="tokenize+pack actors")

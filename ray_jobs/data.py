@@ -83,16 +83,15 @@ def build_pretrain_dataset(tokenizer_dir, split: str = "train", seq_len: int = 2
         random.Random(seed).shuffle(paths)
     # Ray 2.60's default parquet reader (datasource V2) lists files by starting 32 footer-reading
     # actors on every execution (every epoch): ~30 s on a small machine. The V1 reader reads the
-    # footers once, here; its size-estimation sampling (more Ray tasks) is not needed for a stream.
+    # footers once, here (and samples two files with Ray tasks to size its reads).
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.use_datasource_v2, ctx.decoding_size_estimation
-    ctx.use_datasource_v2 = ctx.decoding_size_estimation = False
+    use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
         # one read task per file: block (hence batch) boundaries depend on the files alone, not on the
         # parallelism Ray would pick for the cluster at hand
         ds = ray.data.read_parquet(paths, num_cpus=read_cpus, override_num_blocks=len(paths)).select_columns(["text"])
     finally:
-        ctx.use_datasource_v2, ctx.decoding_size_estimation = saved
+        ctx.use_datasource_v2 = use_v2
     ds = ds.map_batches(
         TokenizeAndPack,
         fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "row_len": seq_len + 1},
