@@ -127,8 +127,12 @@ def tiny_sft(small_tokenizer, tmp_path_factory):
     temperature 1, which leaves RL room to improve."""
     tokenizer = small_tokenizer[0]
     torch.manual_seed(0)
-    steps = 70
-    model = chat_rl.supervised_warmup(create_model(tiny_config(tokenizer), "cpu"), tokenizer, SimpleArith("train"), steps)
+    steps, threads = 70, torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core box, two threads wait on each other at every op
+    try:
+        model = chat_rl.supervised_warmup(create_model(tiny_config(tokenizer), "cpu"), tokenizer, SimpleArith("train"), steps)
+    finally:
+        torch.set_num_threads(threads)
     root = tmp_path_factory.mktemp("checkpoints")
     save_checkpoint(root / "sft" / "tiny", steps, model, meta={"phase": "sft"}, tokenizer_fingerprint=tokenizer.fingerprint())
     return root
