@@ -66,6 +66,11 @@ def _train_worker_pids():
 
 
 def test_killed_worker_resumes_from_last_checkpoint(base_setup):
+    # the previous test's workers may still be exiting: start once they are gone, so the only Train
+    # workers seen below are this run's
+    deadline = time.time() + 120
+    while _train_worker_pids() and time.time() < deadline:
+        time.sleep(0.5)
     result = {}
     thread = threading.Thread(target=lambda: result.update(summary=run(
         ["--num-iterations", "150", "--eval-every", "-1", "--save-every", "10", "--tag", "t2"])))
