@@ -45,10 +45,19 @@ def test_tiny_run_trains_and_checkpoints(base_setup, tmp_path):
     assert torch.isfinite(logits).all()
 
 
+def _parent_pid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _train_worker_pids():
     """This session's Ray Train worker processes: Ray names them after the actor class
-    (ray::RayTrainWorker...), and their parent is this session's raylet (other Ray instances on the
-    machine have their own)."""
+    (ray::RayTrainWorker...), and they descend from this session's raylet (other Ray instances on the
+    machine have their own). Under `uv run` the raylet starts each worker through a `uv` process, so
+    the raylet is the grandparent there, the parent otherwise."""
     import ray
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     pids = []
@@ -56,11 +65,12 @@ def _train_worker_pids():
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
-        if b"RayTrainWorker" in cmdline and ppid == raylet:
+        if b"RayTrainWorker" not in cmdline:
+            continue
+        parent = _parent_pid(entry)
+        if raylet in (parent, _parent_pid(parent)):
             pids.append(int(entry))
     return pids
 
