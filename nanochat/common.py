@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger("nanochat")
@@ -69,6 +70,90 @@ def atomic_write_bytes(path, data: bytes):
 def atomic_write_text(path, text: str):
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+# ---- downloads -----------------------------------------------------------------------------------------
+
+DOWNLOAD_CHUNK_BYTES = 1 << 16  # a dropped connection loses at most the chunk being read
+
+
+class DownloadError(RuntimeError):
+    """A download that failed for good; the message names the URL and the last error."""
+
+
+class _HTTPStatus(Exception):
+    def __init__(self, status, url):
+        super().__init__(f"HTTP {status} for {url}")
+        self.status = status
+
+
+def _retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def _fetch(get, url: str, partial: Path, timeout: float):
+    """Download `url` into `partial`, continuing from its current size with an HTTP Range request."""
+    have = partial.stat().st_size if partial.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416:  # nothing left to fetch: the partial file is complete (verified next)
+            return
+        if r.status_code >= 400:
+            raise _HTTPStatus(r.status_code, url)
+        resumed = r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        expected = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+        written = 0
+        with open(partial, "ab" if resumed else "wb") as f:  # a 200 means the server ignored Range: start over
+            for chunk in r.iter_content(chunk_size=DOWNLOAD_CHUNK_BYTES):
+                f.write(chunk)
+                written += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if expected is not None and written != expected:
+            raise ConnectionError(f"{url}: connection closed after {written} of {expected} bytes")
+
+
+def download_file(url: str, path, retries: int = 5, backoff: float = 1.0, timeout: float = 60.0, session=None,
+                  verify=None, error=DownloadError) -> Path:
+    """Download `url` to `path` unless it is there: the one downloader of every data source. Bytes go to
+    <path>.partial, which a retry (or a later run) continues with a Range request, and which is renamed
+    into place only when complete and, with `verify(partial)`, valid: `path` is never half a file.
+    Server errors (5xx, 408, 429) and dropped connections are retried with exponential back-off; other
+    HTTP errors fail at once; a complete but invalid file (verify raises `error`) is fetched anew.
+    Failures raise `error` naming the URL."""
+    import requests
+    path = Path(path)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    get = session.get if session is not None else requests.get
+    last_error = None
+    for attempt in range(retries):
+        if attempt:
+            delay = backoff * 2 ** (attempt - 1)
+            logger.warning("%s: attempt %d/%d failed (%s); retrying in %.1fs", url, attempt, retries, last_error, delay)
+            time.sleep(delay)
+        try:
+            _fetch(get, url, partial, timeout)
+            if verify is not None:
+                verify(partial)
+        except _HTTPStatus as e:
+            if not _retryable(e.status):
+                raise error(f"cannot download {url}: HTTP {e.status}") from None
+            last_error = e
+            continue
+        except error as e:  # complete but invalid: the partial bytes are worthless, start over
+            partial.unlink(missing_ok=True)
+            last_error = e
+            continue
+        except (requests.RequestException, OSError) as e:  # keep the partial file: the next try resumes it
+            last_error = e
+            continue
+        os.replace(partial, path)
+        logger.info("downloaded %s to %s", url, path)
+        return path
+    raise error(f"cannot download {url}: {retries} attempts failed, last error: {last_error}")
 
 
 def get_dist_info():

@@ -13,13 +13,12 @@ import argparse
 import logging
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, get_mirror_dir
+from nanochat.common import download_file, get_base_dir, get_mirror_dir
 
 logger = logging.getLogger("nanochat.dataset")
 
@@ -29,7 +28,6 @@ NUM_SHARDS = 1823  # shard_00000 .. shard_01822
 VAL_SHARD = 1822  # the dataset's last shard
 MIRROR_VAL_SHARD = 4  # the mirror's last shard (see the mirror's MANIFEST.md)
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
-CHUNK_BYTES = 1 << 16  # a dropped connection loses at most the chunk being read
 
 
 class DataError(RuntimeError):
@@ -121,49 +119,16 @@ def parquets_iter_batched(split: str, start: int = 0, step: int = 1):
 
 # ---- downloading -------------------------------------------------------------------------------------
 
-def _retryable(status: int) -> bool:
-    return status in (408, 429) or status >= 500
-
-
-def _fetch(session, url: str, partial: Path, timeout: float):
-    """Download `url` into `partial`, continuing from its current size with an HTTP Range request."""
-    have = partial.stat().st_size if partial.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        if r.status_code == 416:  # nothing left to fetch: the partial file is complete (verified next)
-            return
-        if r.status_code >= 400:
-            raise _HTTPStatus(r.status_code, url)
-        resumed = r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-        expected = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-        written = 0
-        with open(partial, "ab" if resumed else "wb") as f:  # a 200 means the server ignored Range: start over
-            for chunk in r.iter_content(chunk_size=CHUNK_BYTES):
-                f.write(chunk)
-                written += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if expected is not None and written != expected:
-            raise ConnectionError(f"{url}: connection closed after {written} of {expected} bytes")
-
-
-class _HTTPStatus(Exception):
-    def __init__(self, status, url):
-        super().__init__(f"HTTP {status} for {url}")
-        self.status = status
-
-
 def download_shard(index: int, data_dir=None, base_url=None, retries: int = 5, backoff: float = 1.0,
                    timeout: float = 60.0, session=None) -> Path:
     """Download one shard (skipped if a valid copy is there). Bytes go to <name>.partial, which a retry
     or a later run continues with a Range request; it is renamed into place once it opens as parquet."""
-    import requests
     if get_mirror_dir() is not None:
         raise DataError("NANOCHAT_MIRROR is set: shards are read from the mirror and nothing is downloaded")
     data_dir = Path(data_dir or get_data_dir())
     base_url = (base_url or os.environ.get(BASE_URL_ENV) or BASE_URL).rstrip("/")
     name = shard_name(index)
-    path, partial, url = data_dir / name, data_dir / (name + ".partial"), f"{base_url}/{name}"
+    path = data_dir / name
     if path.exists():
         try:
             open_shard(path)
@@ -171,31 +136,8 @@ def download_shard(index: int, data_dir=None, base_url=None, retries: int = 5, b
         except DataError as e:
             logger.warning("re-downloading %s: %s", name, e)
             path.unlink()
-    session = session or requests.Session()
-    last_error = None
-    for attempt in range(retries):
-        if attempt:
-            delay = backoff * 2 ** (attempt - 1)
-            logger.warning("%s: attempt %d/%d failed (%s); retrying in %.1fs", name, attempt, retries, last_error, delay)
-            time.sleep(delay)
-        try:
-            _fetch(session, url, partial, timeout)
-            open_shard(partial)
-        except _HTTPStatus as e:
-            if not _retryable(e.status):
-                raise DataError(f"cannot download {url}: HTTP {e.status}") from None
-            last_error = e
-            continue
-        except DataError as e:  # complete but corrupt: the partial bytes are worthless, start over
-            partial.unlink(missing_ok=True)
-            last_error = e
-            continue
-        except (requests.RequestException, OSError) as e:  # keep the partial file: the next try resumes it
-            last_error = e
-            continue
-        os.replace(partial, path)
-        return path
-    raise DataError(f"cannot download {url}: {retries} attempts failed, last error: {last_error}")
+    return download_file(f"{base_url}/{name}", path, retries=retries, backoff=backoff, timeout=timeout, session=session,
+                         verify=open_shard, error=DataError)
 
 
 def download_shards(num_shards: int, workers: int = 8, data_dir=None, base_url=None, retries: int = 5,

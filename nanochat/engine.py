@@ -220,6 +220,7 @@ class Engine:
             shared, cache = cache, KVCache.for_model(model, num_samples, len(prompt) + max_tokens)
             cache.prefill(shared)
         rows = [_Row(self.tools) for _ in range(num_samples)]
+        column = []  # the tokens of the previous step, one per row: the next step's input
         for step in range(max_tokens):
             if step > 0:
                 logits = model(torch.tensor(column, device=device)[:, None], kv_cache=cache)[:, -1]

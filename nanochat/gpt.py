@@ -11,7 +11,6 @@ Choices (each one is a small, well-tested idea; together they make a strong smal
 Build on the meta device, move to a real one, then initialize once:
     model = create_model(config, device)   # = meta build + to_empty + init_weights
 """
-import math
 from dataclasses import asdict, dataclass
 
 import torch

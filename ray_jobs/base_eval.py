@@ -54,7 +54,7 @@ def main(args):
     from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_last_step, find_latest_tag
     from nanochat.common import atomic_write, get_base_dir, setup_logging
     from nanochat.core_eval import get_eval_bundle, load_core_tasks, summarize
-    from ray_jobs.common import _with_env, init_ray, project_env
+    from ray_jobs.common import init_ray, submit_task
     from tasks.common import download_file
 
     log = setup_logging()
@@ -81,10 +81,8 @@ def main(args):
     cpus = args.cpus_per_worker or (8 if device == "cuda" else 1)
     log.info("CORE eval of base/%s step %d: %d workers on %s, %s examples per task", tag, step, num_workers,
              device, "all" if args.max_per_task < 0 else args.max_per_task)
-    worker = ray.remote(_with_env).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, max_retries=2,
-                                           name="core_eval_shard")
-    env = project_env()
-    refs = [worker.remote(env, eval_shard, tag, step, shard, num_workers, args.max_per_task, labels, device, int(cpus))
+    refs = [submit_task(eval_shard, tag, step, shard, num_workers, args.max_per_task, labels, device, int(cpus),
+                        num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, max_retries=2, name="core_eval_shard")
             for shard in range(num_workers)]
     counts = {}
     for shard_counts in ray.get(refs):

@@ -56,10 +56,11 @@ def _with_env(env, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def submit_task(fn, *args, num_cpus=1, num_gpus=0, name=None, **kwargs):
-    """Start fn(*args, **kwargs) as a Ray task with the driver's project environment; returns its ObjectRef."""
+def submit_task(fn, *args, num_cpus=1, num_gpus=0, name=None, max_retries=1, **kwargs):
+    """Start fn(*args, **kwargs) as a Ray task with the driver's project environment (retried up to
+    max_retries times when its worker dies); returns its ObjectRef."""
     import ray
-    task = ray.remote(_with_env).options(num_cpus=num_cpus, num_gpus=num_gpus, name=name or fn.__name__, max_retries=1)
+    task = ray.remote(_with_env).options(num_cpus=num_cpus, num_gpus=num_gpus, name=name or fn.__name__, max_retries=max_retries)
     return task.remote(project_env(), fn, *args, **kwargs)
 
 
@@ -316,6 +317,30 @@ def _peak_flops(device):
     return None
 
 
+def optimizer_step(model, optimizers, next_batch, grad_accum, lr_mult, momentum):
+    """One optimizer step: grad_accum forward/backwards on next_batch() -> (inputs, targets), then every
+    optimizer at its initial LR x lr_mult (Muon groups also at this momentum). Returns the summed loss
+    and the count of trained tokens as tensors on the model's device (no host sync here)."""
+    import torch
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    tokens = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        inputs, targets = next_batch()
+        loss = model(inputs, targets) / grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+        tokens += (targets >= 0).sum()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+            if "momentum" in group:
+                group["momentum"] = momentum
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum, tokens
+
+
 class TrainLoop:
     """The optimizer-step loop of every training phase, on each worker. The phase brings the model and
     optimizers (resume_or_init), a batch source and an evaluation; the loop does the rest alike for all:
@@ -394,22 +419,12 @@ class TrainLoop:
 
             # one optimizer step: grad_accum micro-steps on every worker
             t0 = time.time()
-            loss_sum = torch.zeros((), device=device)
-            tokens = torch.zeros((), device=device)
-            for _ in range(self.grad_accum):
+
+            def next_batch_keeping_state():
                 inputs, targets, self.data_state = next_batch()
-                loss = model(inputs, targets) / self.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-                tokens += (targets >= 0).sum()
+                return inputs, targets
             lr_mult = lr_multiplier(step, num_iterations, c.warmup_ratio, c.warmdown_ratio, c.final_lr_frac)
-            for opt in self.optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lr_mult
-                    if "momentum" in group:
-                        group["momentum"] = muon_momentum(step)
-                opt.step()
-            model.zero_grad(set_to_none=True)
+            loss_sum, tokens = optimizer_step(model, self.optimizers, next_batch_keeping_state, self.grad_accum, lr_mult, muon_momentum(step))
             # one small collective per step: the loss, the tokens trained on, whether the driver asked us to stop
             stop_local = float(self.rank == 0 and self.stop_file.exists())
             flags = torch.stack([loss_sum.float(), tokens.float(), torch.tensor(stop_local, device=device)])

@@ -9,7 +9,6 @@ starts over). Everything goes under $NANOCHAT_BASE_DIR (default ~/.cache/nanocha
 """
 import argparse
 import json
-import logging
 import os
 import time
 from types import SimpleNamespace

@@ -22,11 +22,10 @@ import itertools
 import json
 import logging
 import random
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from nanochat.common import atomic_write, get_base_dir, get_mirror_dir
+from nanochat.common import download_file, get_base_dir, get_mirror_dir
 from nanochat.tokenizer import validate_conversation
 
 logger = logging.getLogger("nanochat.tasks")
@@ -171,37 +170,7 @@ def task_data_files(mirror_name: str, urls) -> list[Path]:
         return [path]
     urls = [urls] if isinstance(urls, str) else urls
     cache = get_base_dir() / "task_data"
-    return [download_file(url, cache / (urlparse(url).netloc + urlparse(url).path)) for url in urls]
-
-
-def _retryable(status: int) -> bool:
-    return status in (408, 429) or status >= 500
-
-
-def download_file(url: str, path: Path, retries: int = 5, backoff: float = 2.0, timeout: float = 60.0) -> Path:
-    """Download `url` to `path` unless it is there. Bytes go to a temp file renamed into place when
-    complete, so `path` is never half a file; failed attempts are retried with exponential back-off."""
-    import requests
-    path = Path(path)
-    if path.is_file():
-        return path
-    for attempt in range(1, retries + 1):
-        try:
-            with requests.get(url, stream=True, timeout=timeout) as r:
-                if r.status_code >= 400 and not _retryable(r.status_code):
-                    raise TaskDataError(f"cannot download {url}: HTTP {r.status_code}")
-                r.raise_for_status()
-                with atomic_write(path) as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-            logger.info("downloaded %s to %s", url, path)
-            return path
-        except requests.RequestException as e:
-            if attempt == retries:
-                raise TaskDataError(f"cannot download {url}: {retries} attempts failed, last error: {e}") from e
-            delay = backoff * 2 ** (attempt - 1)
-            logger.warning("downloading %s failed (%s); retry %d/%d in %.0fs", url, e, attempt, retries - 1, delay)
-            time.sleep(delay)
+    return [download_file(url, cache / (urlparse(url).netloc + urlparse(url).path), backoff=2.0, error=TaskDataError) for url in urls]
 
 
 def read_rows(path, columns=None):

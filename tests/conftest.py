@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import ray_jobs  # noqa: F401 (before ray is imported: Ray workers run in this environment, see ray_jobs/__init__.py)
+
 REPO = Path(__file__).resolve().parent.parent
 # the dataset mirror beside the checkout (../shared/datasets); tests never touch the network
 DEFAULT_MIRROR = REPO.parent / "shared" / "datasets"

@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-import regex
 
 import bpe_reference as ref
 import rustbpe

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
+from nanochat.common import DownloadError, download_file
 from nanochat.tokenizer import ConversationError, Tokenizer, validate_conversation
 from tasks.arc import ARC, arc_conversation
-from tasks.common import Task, TaskDataError, TaskMixture, TaskSequence, assistant_text, download_file
+from tasks.common import Task, TaskDataError, TaskMixture, TaskSequence, assistant_text
 from tasks.customjson import IDENTITY_CONVERSATIONS, CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer
 from tasks.humaneval import HumanEval, extract_code
@@ -313,7 +314,7 @@ def test_mirror_means_no_network(monkeypatch):
 
 class FakeResponse:
     def __init__(self, status, body=b""):
-        self.status_code, self.body = status, body
+        self.status_code, self.body, self.headers = status, body, {}
 
     def __enter__(self):
         return self
@@ -345,10 +346,10 @@ def test_download_retries_and_writes_atomically(tmp_path, monkeypatch):
     assert download_file("https://example.com/file.jsonl", path) == path  # already there: no request
 
     monkeypatch.setattr(requests, "get", lambda url, **kwargs: FakeResponse(404))
-    with pytest.raises(TaskDataError, match="HTTP 404"):
+    with pytest.raises(DownloadError, match="HTTP 404"):
         download_file("https://example.com/missing.jsonl", tmp_path / "missing.jsonl", backoff=0)
     monkeypatch.setattr(requests, "get", lambda url, **kwargs: FakeResponse(500))
-    with pytest.raises(TaskDataError, match="3 attempts failed"):
+    with pytest.raises(DownloadError, match="3 attempts failed"):
         download_file("https://example.com/flaky.jsonl", tmp_path / "flaky.jsonl", retries=3, backoff=0)
     assert not (tmp_path / "missing.jsonl").exists() and not (tmp_path / "flaky.jsonl").exists()
 

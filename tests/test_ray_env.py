@@ -1,0 +1,17 @@
+"""Ray tasks of a phase run in the driver's environment: the same Python (no per-cluster rebuild of
+the project, also when the driver was started by `uv run`) and the run's files (base dir, mirror)."""
+import os
+import sys
+
+from ray_jobs.common import run_task
+
+
+def test_tasks_run_in_the_drivers_environment(ray_cluster):
+    def environment():  # nested: shipped by value, not imported from the tests folder on the worker
+        import os
+        import sys
+        return sys.executable, os.environ.get("NANOCHAT_BASE_DIR"), os.environ.get("NANOCHAT_MIRROR")
+
+    executable, base_dir, mirror = run_task(environment, num_cpus=0.5)
+    assert executable == sys.executable  # under `uv run`, Ray would otherwise use a fresh virtualenv
+    assert base_dir == os.environ["NANOCHAT_BASE_DIR"] and mirror == os.environ["NANOCHAT_MIRROR"]
