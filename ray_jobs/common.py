@@ -21,6 +21,9 @@ PROJECT_ENV_VARS = ("NANOCHAT_BASE_DIR", "NANOCHAT_MIRROR", "NANOCHAT_PRETRAIN_U
 def project_env() -> dict:
     env = {k: os.environ[k] for k in PROJECT_ENV_VARS if os.environ.get(k)}
     env.setdefault("NANOCHAT_BASE_DIR", str(get_base_dir()))
+    for key in ("NANOCHAT_BASE_DIR", "NANOCHAT_MIRROR"):  # workers start in other directories: no relative paths
+        if key in env:
+            env[key] = os.path.abspath(os.path.expanduser(env[key]))
     # Ray Train's controller polls its workers every 2 s by default, which makes every report() cost ~2 s
     env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"))
     return env

@@ -15,3 +15,15 @@ def test_tasks_run_in_the_drivers_environment(ray_cluster):
     executable, base_dir, mirror = run_task(environment, num_cpus=0.5)
     assert executable == sys.executable  # under `uv run`, Ray would otherwise use a fresh virtualenv
     assert base_dir == os.environ["NANOCHAT_BASE_DIR"] and mirror == os.environ["NANOCHAT_MIRROR"]
+
+
+def test_relative_data_paths_reach_tasks_as_absolute(ray_cluster, mirror_dir, monkeypatch):
+    # the README's `NANOCHAT_MIRROR=../shared/datasets`: Ray workers run in other directories
+    monkeypatch.chdir(mirror_dir.parent)
+    monkeypatch.setenv("NANOCHAT_MIRROR", mirror_dir.name)
+
+    def mirror_seen():
+        from nanochat.common import get_mirror_dir
+        return str(get_mirror_dir())
+
+    assert run_task(mirror_seen, num_cpus=0.5) == str(mirror_dir.resolve())
