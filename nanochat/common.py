@@ -26,7 +26,7 @@ def setup_logging(level=logging.INFO):
 def get_base_dir() -> Path:
     """Everything a run writes lives under $NANOCHAT_BASE_DIR (default ~/.cache/nanochat)."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    path = Path(base)
+    path = Path(base).expanduser().absolute()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -37,7 +37,7 @@ def get_mirror_dir() -> Path | None:
     mirror = os.environ.get("NANOCHAT_MIRROR")
     if not mirror:
         return None
-    path = Path(mirror).expanduser()
+    path = Path(mirror).expanduser().absolute()  # paths handed to Ray tasks must not depend on their cwd
     if not path.is_dir():
         raise FileNotFoundError(f"NANOCHAT_MIRROR={mirror!r} is not a directory")
     return path

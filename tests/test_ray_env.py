@@ -27,3 +27,7 @@ def test_relative_data_paths_reach_tasks_as_absolute(ray_cluster, mirror_dir, mo
         return str(get_mirror_dir())
 
     assert run_task(mirror_seen, num_cpus=0.5) == str(mirror_dir.resolve())
+    from nanochat.dataset import list_shard_paths
+    paths = list_shard_paths("train")  # the driver's list, handed to read tasks as it is
+    monkeypatch.chdir("/")
+    assert paths and all(p.is_file() for p in paths)
