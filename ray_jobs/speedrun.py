@@ -81,6 +81,24 @@ def phase_tok_eval():
             "table": table + "".join(f"\n\n{k}: {v}" for k, v in result["unavailable"].items())}
 
 
+def run_script_phase(phases, report, name, module, flags, resumable=False):
+    """A phase whose script starts its own Ray Train run or Ray tasks from this driver. A Train phase
+    that crashed half-way left checkpoints: --resume makes it continue from them. A run stopped on
+    request (SIGTERM: `ray job stop`, a spot node going away) is not complete: the driver exits
+    without marking it, and the next run resumes it from the checkpoint it wrote."""
+    def run():
+        args = module.parser.parse_args(flags + (["--resume"] if resumable else []))
+        result = module.main(args)
+        if result.get("status") == "stopped":
+            raise SystemExit(f"phase {name} stopped at step {result.get('step')} on request; its checkpoint is kept: "
+                             "run the same command again to resume")
+        return module.report_section(dict(result), args)
+    result, skipped = phases.run(name, run)
+    if not skipped:
+        report.log(name, result)
+    return result
+
+
 def main(args):
     log = setup_logging()
     from nanochat.report import get_report
@@ -107,16 +125,7 @@ def main(args):
         return result
 
     def script_phase(name, module, flags, resumable=False):
-        """A phase whose script starts its own Ray Train run or Ray tasks from this driver. A Train phase
-        that crashed half-way left checkpoints: --resume makes it continue from them."""
-        def run():
-            args = module.parser.parse_args(flags + (["--resume"] if resumable else []))
-            result = module.main(args)
-            return module.report_section(dict(result), args)
-        result, skipped = phases.run(name, run)
-        if not skipped:
-            report.log(name, result)
-        return result
+        return run_script_phase(phases, report, name, module, flags, resumable)
 
     phase("download", phase_download, preset.num_shards)
     phase("tok_train", phase_tok_train, preset.tok_max_chars, preset.vocab_size)

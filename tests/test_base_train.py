@@ -1,9 +1,13 @@
 """Base pretraining on Ray Train (2 gloo workers on the session's local Ray), bits per byte, the LR schedule."""
+import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +102,30 @@ def test_killed_worker_resumes_from_last_checkpoint(base_setup):
     assert summary["status"] == "finished" and summary["step"] == 150
     starts = summary["starts"]
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 10 and starts[1] % 10 == 0, starts  # continued, not restarted
+
+
+def test_sigterm_checkpoints_and_stops_then_resume_finishes(base_setup, ray_cluster):
+    # a spot node going away / `ray job stop`: the driver gets SIGTERM; the workers must write a
+    # checkpoint at the step they reached and stop; --resume then continues from it
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    flags = TINY_FLAGS + ["--num-iterations", "60", "--eval-every", "-1", "--save-every", "1000", "--tag", "t4"]
+    driver = subprocess.Popen([sys.executable, "ray_jobs/base_train.py", *flags], cwd=Path(__file__).parents[1], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while not any("base step 10/60" in line for line in lines):
+        assert driver.poll() is None and time.time() < deadline, "".join(lines[-30:])
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=300) == 0, "".join(lines[-30:])
+    reader.join(timeout=10)
+    summary = json.loads(next(line for line in reversed(lines) if line.startswith('{"status"')))  # Ray logs may follow
+    assert summary["status"] == "stopped" and 10 <= summary["step"] < 60, summary
+    assert find_last_step(checkpoint_dir("base", "t4")) == summary["step"]  # written at the stop, not periodic
+    resumed = run(flags[len(TINY_FLAGS):] + ["--resume"])
+    assert resumed["status"] == "finished" and resumed["step"] == 60 and resumed["starts"] == [0, summary["step"]]
 
 
 def test_nan_loss_stops_with_the_step(base_setup):

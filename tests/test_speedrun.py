@@ -113,3 +113,28 @@ def test_speedrun_resumes_after_driver_killed(head_node, tmp_path):
     for metric in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"):
         assert all(v != "-" for v in filled[metric][1:]), (metric, filled[metric])
     assert "![base_train loss](plots/base_train_loss.png)" in report
+
+
+def test_a_phase_stopped_on_request_is_not_marked_done(tmp_path):
+    """SIGTERM stops a Train phase with status "stopped" (tests/test_base_train.py): the speedrun must
+    exit without its marker, so the next run resumes it instead of moving on from half a model."""
+    import argparse
+    from types import SimpleNamespace
+
+    from nanochat.report import Report
+    from ray_jobs.common import PhaseLog
+    from ray_jobs.speedrun import run_script_phase
+    calls = []
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resume", action="store_true")
+
+    def main(args):
+        calls.append(args.resume)
+        return {"status": "stopped" if len(calls) == 1 else "finished", "step": 35}
+    script = SimpleNamespace(parser=parser, main=main, report_section=lambda summary, args: {"results": summary})
+    phases, report = PhaseLog(tmp_path / "phases"), Report(tmp_path / "report")
+    with pytest.raises(SystemExit, match="base_train stopped at step 35 .* run the same command again to resume"):
+        run_script_phase(phases, report, "base_train", script, [], resumable=True)
+    assert phases.done("base_train") is None
+    assert run_script_phase(phases, report, "base_train", script, [], resumable=True)["results"]["status"] == "finished"
+    assert phases.done("base_train") is not None and calls == [True, True]
