@@ -33,6 +33,7 @@ parser.add_argument("--device", default="cpu", help="cpu or cuda")
 parser.add_argument("--out", default=None, help="also write the JSON line to this file")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
 from bench.common import machine_info  # noqa: E402
 
 
@@ -62,30 +63,31 @@ def timed_steps(config):
     return {"step_seconds": times[c.warmup:], "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
 
 
-def trainer_worker(config):
-    import ray.train
-    ray.train.report({"result": json.dumps(timed_steps(config))})
-
-
 def run_in_trainer(config, storage):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     use_gpu = config["device"] == "cuda"
-    trainer = TorchTrainer(trainer_worker, train_loop_config=config,
+    trainer = TorchTrainer(timed_steps, train_loop_config=config,
                            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": config["threads"]}),
                            run_config=RunConfig(name=f"train-overhead-{time.time_ns()}", storage_path=storage))
-    return json.loads(trainer.fit().metrics["result"])
+    return trainer.fit().return_value  # rank 0's return value
 
 
 def main(args):
     import tempfile
 
     import ray
+
+    from ray_jobs.common import init_ray
     config = {k: v for k, v in vars(args).items() if k != "out"}
     info = machine_info()
-    # the driver needs no CPU of its own; the worker gets --threads of them
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    # a fresh local Ray as the phases start it (same settings); the worker gets --threads CPUs. Ray runs
+    # workers at nice 15: on a machine shared with other work they would lose CPU the bare loop (nice 0)
+    # keeps, which measures the neighbours, not Ray Train; so both sides at the same priority
+    os.environ["RAY_ADDRESS"] = "local"
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    init_ray(num_cpus=args.threads)
     storage = tempfile.mkdtemp(prefix="train_overhead_")
     sides = {"bare": [], "torchtrainer": []}
     threads = {}
