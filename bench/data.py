@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--tokenizer-dir", default=None, help="a saved nanochat tokenizer (default: train one)")

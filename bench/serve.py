@@ -40,6 +40,7 @@ args = parser.parse_args()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 import httpx  # noqa: E402
+import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402

@@ -1,6 +1,7 @@
 """nanochat on Ray Serve: engine replicas with continuous batching, an OpenAI-compatible HTTP API and a
 Gradio chat page. `serve run serve_app:app` serves the latest chat checkpoint with default settings;
 `serve_app.build_app` (or `python -m serve_app`) takes settings (see serve_app/app.py)."""
+import ray_jobs  # noqa: F401 (first: its Ray settings must be in place before ray is imported)
 
 
 def __getattr__(name):
