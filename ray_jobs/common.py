@@ -75,10 +75,13 @@ def run_task(fn, *args, num_cpus=1, num_gpus=0, name=None, **kwargs):
 
 class PhaseLog:
     """Completion markers of a pipeline run: <dir>/<phase>.done holds the phase's result, written
-    (atomically) only after the phase's own outputs are complete. A re-run skips marked phases."""
+    (atomically) only after the phase's own outputs are complete. A re-run skips marked phases.
+    on_complete(phase, result), e.g. the report's log, runs before the marker is written: a crash in
+    between re-runs the phase rather than leaving it done but missing from the report."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, on_complete=None):
         self.directory = Path(directory)
+        self.on_complete = on_complete
 
     def done(self, phase) -> dict | None:
         path = self.directory / f"{phase}.done"
@@ -97,6 +100,8 @@ class PhaseLog:
         t0 = time.time()
         result = dict(fn(*args, **kwargs) or {})
         result.setdefault("wall_seconds", round(time.time() - t0, 2))
+        if self.on_complete is not None:
+            self.on_complete(phase, result)
         self.mark(phase, result)
         logger.info("phase %s: done in %.1fs", phase, result["wall_seconds"])
         return result, False

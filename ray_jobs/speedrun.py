@@ -81,7 +81,7 @@ def phase_tok_eval():
             "table": table + "".join(f"\n\n{k}: {v}" for k, v in result["unavailable"].items())}
 
 
-def run_script_phase(phases, report, name, module, flags, resumable=False):
+def run_script_phase(phases, name, module, flags, resumable=False):
     """A phase whose script starts its own Ray Train run or Ray tasks from this driver. A Train phase
     that crashed half-way left checkpoints: --resume makes it continue from them. A run stopped on
     request (SIGTERM: `ray job stop`, a spot node going away) is not complete: the driver exits
@@ -93,10 +93,7 @@ def run_script_phase(phases, report, name, module, flags, resumable=False):
             raise SystemExit(f"phase {name} stopped at step {result.get('step')} on request; its checkpoint is kept: "
                              "run the same command again to resume")
         return module.report_section(dict(result), args)
-    result, skipped = phases.run(name, run)
-    if not skipped:
-        report.log(name, result)
-    return result
+    return phases.run(name, run)[0]
 
 
 def main(args):
@@ -110,8 +107,8 @@ def main(args):
     preset_name = pick_preset(args.preset, resources)
     preset = SimpleNamespace(**PRESETS[preset_name])
     run_dir = get_base_dir() / "runs" / args.run
-    phases = PhaseLog(run_dir / "phases")
     report = get_report(run_dir / "report")
+    phases = PhaseLog(run_dir / "phases", on_complete=report.log)
     if args.restart:
         for marker in (run_dir / "phases").glob("*.done"):
             marker.unlink()
@@ -119,13 +116,10 @@ def main(args):
     log.info("speedrun %r, preset %s, base dir %s", args.run, preset_name, get_base_dir())
 
     def phase(name, fn, *fn_args, **task_options):
-        result, skipped = phases.run(name, run_task, fn, *fn_args, name=name, **task_options)
-        if not skipped:
-            report.log(name, result)
-        return result
+        return phases.run(name, run_task, fn, *fn_args, name=name, **task_options)[0]
 
     def script_phase(name, module, flags, resumable=False):
-        return run_script_phase(phases, report, name, module, flags, resumable)
+        return run_script_phase(phases, name, module, flags, resumable)
 
     phase("download", phase_download, preset.num_shards)
     phase("tok_train", phase_tok_train, preset.tok_max_chars, preset.vocab_size)
