@@ -11,14 +11,13 @@ state: the tokens of every step but the first over the time of those steps (the 
 A tokenizer is trained first when the base dir has none (not counted).
 """
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info  # noqa: E402
+from bench.common import emit, machine_info  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--workers", default="1,2", help="worker counts to run, comma-separated")
@@ -57,10 +56,7 @@ def main(args):
         print(f"{workers} worker(s): {runs[list(runs)[-1]]}", file=sys.stderr, flush=True)
     info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     result = {"bench": "base_train", "preset": "tiny", "settings": base_train.TINY, "runs": runs, "machine": info}
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

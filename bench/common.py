@@ -1,24 +1,33 @@
-"""What every benchmark records about the machine it ran on (results are only comparable on the same one)."""
+"""What every benchmark shares: the record of the machine it ran on (results are only comparable on the
+same one), and how its one JSON line is printed and kept."""
+import json
 import os
 import platform
 from pathlib import Path
+
+from nanochat.report import cpu_model
 
 
 def machine_info():
     """CPU model and cores, GPU when there is one, the versions that matter, and the 1-minute load
     average: a shared machine's other work skews absolute numbers, so the record says how busy it was."""
     import torch
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    info = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(), "loadavg_1m_start": round(os.getloadavg()[0], 2)}
     try:
         import ray
         info["ray"] = ray.__version__
-    except ImportError:  # the GPU box has torch only
-        pass
+    except ImportError:  # the GPU box has torch only: the record just lacks Ray's version
+        info["ray"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def emit(result: dict, out=None):
+    """Print the benchmark's one JSON line; with `out`, also keep it in that file (bench/results/...)."""
+    line = json.dumps(result)
+    print(line)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(line + "\n")

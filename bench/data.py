@@ -11,7 +11,6 @@ Without --tokenizer-dir, a tokenizer (--vocab-size) is trained on the first --to
 the first shard with nanochat.tokenizer (rustbpe).
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import emit  # noqa: E402
 import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -126,11 +126,7 @@ def main(args):
         "machine": info,
     }
     result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

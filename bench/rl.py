@@ -11,7 +11,6 @@ start-up is not timed. samples/s = completions sampled / seconds of the rollout 
 rewards, the broadcast to the trainer ranks); shares are of generate + update + weight sync.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,6 +35,7 @@ parser.add_argument("--out", default=None, help="also write the JSON line to thi
 args = parser.parse_args()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
+from bench.common import emit  # noqa: E402
 os.environ["NANOCHAT_BASE_DIR"] = args.base_dir or tempfile.mkdtemp(prefix="bench-rl-")
 import torch  # noqa: E402
 
@@ -97,10 +97,7 @@ def main():
                     "ray": __import__("ray").__version__, "device": args.device,
                     "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
     }
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import machine_info  # noqa: E402
+from bench.common import emit, machine_info  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--repo", default=str(REPO), help="what to clone (default: this checkout)")
@@ -63,10 +63,7 @@ def main(args):
               "target_speedrun_seconds": TARGET_S, "phase_seconds": phases,
               "report": str(base_dir / "runs" / "speedrun" / "report" / "report.md"), "log": str(work / "speedrun.log"),
               "machine": info}
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -11,7 +11,6 @@ is given that many CPUs. The batches are fixed random tokens made in the loop (n
 measures the trainer, not Ray Data; bench/data.py measures that).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ parser.add_argument("--out", default=None, help="also write the JSON line to thi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
-from bench.common import machine_info  # noqa: E402
+from bench.common import emit, machine_info  # noqa: E402
 
 
 def timed_steps(config):
@@ -106,10 +105,7 @@ def main(args):
               "timed_steps": {k: len(v) for k, v in sides.items()}, "torch_threads": threads,
               "ray_train_overhead_pct": round(100 * (1 - rates["torchtrainer"] / rates["bare"]), 2),
               "target_pct": 3.0, "machine": info}
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    emit(result, args.out)
     return result
 
 

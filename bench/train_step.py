@@ -9,7 +9,6 @@ the peer measured in the same process, step for step in alternation; reported ti
 ratio is the number to trust on a noisy machine.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ parser.add_argument("--out", default=None, help="also write the JSON line to thi
 args = parser.parse_args()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, no install needed
+from bench.common import emit  # noqa: E402
 import torch  # noqa: E402
 
 from nanochat.common import autodetect_device_type  # noqa: E402
@@ -126,10 +126,7 @@ def main():
     if device.type == "cuda":  # peak of the whole process (all modes' models together)
         out["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     out["machine"] = machine(device)
-    line = json.dumps(out)
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

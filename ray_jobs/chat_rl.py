@@ -36,7 +36,7 @@ import logging
 import os
 import time
 
-from ray_jobs.common import add_training_flags, apply_preset, report_training, run_phase_script, train_from_source
+from ray_jobs.common import add_training_flags, apply_preset, report_training, run_phase_script, step_optimizers, train_from_source
 
 logger = logging.getLogger("nanochat.rl")
 
@@ -340,11 +340,7 @@ def policy_update(model, optimizers, groups, lr_mult, pad_id, device_batch_size)
     for p in model.parameters():
         if p.grad is None:  # a rank whose share had no signal still joins the optimizers' collectives
             p.grad = torch.zeros_like(p)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    step_optimizers(model, optimizers, lr_mult)
     return loss_sum, num_tokens, True
 
 

@@ -339,14 +339,20 @@ def optimizer_step(model, optimizers, next_batch, grad_accum, lr_mult, momentum)
         loss.backward()
         loss_sum += loss.detach()
         tokens += (targets >= 0).sum()
+    step_optimizers(model, optimizers, lr_mult, momentum)
+    return loss_sum, tokens
+
+
+def step_optimizers(model, optimizers, lr_mult, momentum=None):
+    """Step every optimizer at its initial LR x lr_mult (Muon groups at `momentum` when given), then
+    clear the gradients."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
-            if "momentum" in group:
+            if momentum is not None and "momentum" in group:
                 group["momentum"] = momentum
         opt.step()
     model.zero_grad(set_to_none=True)
-    return loss_sum, tokens
 
 
 class TrainLoop:
