@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from nanochat.adamw import DistAdamW
 from nanochat.common import atomic_write, atomic_write_text, get_base_dir, get_dist_info, logger
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, resolve_precision
 from nanochat.muon import DistMuon
 
 FORMAT_VERSION = 1
@@ -151,9 +151,10 @@ def check_meta(meta, expect_config=None, expect_tokenizer=None, where=""):
                               f"but the tokenizer in use is {expect_tokenizer!r}")
 
 
-def build_model(ckpt_dir, step, device, phase="eval", expect_config=None, expect_tokenizer=None):
+def build_model(ckpt_dir, step, device, phase="eval", expect_config=None, expect_tokenizer=None, precision=None):
     """Rebuild the model saved at `step` on `device`, ready for phase "train" (model.train()) or "eval"
-    (model.eval()). Returns (model, meta). Raises CheckpointError on a mismatch or a damaged file."""
+    (model.eval()), its matmuls in `precision` (default: auto for the device, see gpt.resolve_precision).
+    Returns (model, meta). Raises CheckpointError on a mismatch or a damaged file."""
     assert phase in ("train", "eval"), f"phase is 'train' or 'eval', got {phase!r}"
     meta = load_meta(ckpt_dir, step)
     check_meta(meta, expect_config, expect_tokenizer, where=str(step_dir(ckpt_dir, step)))
@@ -163,6 +164,7 @@ def build_model(ckpt_dir, step, device, phase="eval", expect_config=None, expect
     model.to_empty(device=device)
     model.init_rotary()  # derived tables are not in the checkpoint
     model.load_state_dict(state)
+    model.set_precision(resolve_precision(precision, torch.device(device).type))
     model.train(phase == "train")
     return model, meta
 

@@ -6,7 +6,13 @@ Choices (each one is a small, well-tested idea; together they make a strong smal
 - QK-norm (queries and keys RMS-normed per head), which keeps attention logits tame without a tuned scale;
 - ReLU^2 MLP with 4x expansion; no biases anywhere; untied embedding and head;
 - grouped-query attention (n_kv_head <= n_head) to shrink the KV cache at inference;
-- logits soft-capped at 15 in fp32; vocab padded to a multiple of 64 for fast matmuls (padded ids are cropped).
+- logits soft-capped at 15 in fp32; vocab padded to a multiple of 64 for fast matmuls (padded ids are cropped);
+- precision is explicit, not autocast: weights are kept in fp32 (the master copy the optimizers update) and
+  every matmul runs in the model's compute dtype (bf16 on GPUs, fp16 on older GPUs, fp32 on the CPU);
+  norms, softcap and the loss run in fp32, the residual stream stays fp32. Being explicit makes the
+  precision visible to a trace on fake tensors (the planner), which autocast is not without a GPU;
+- the training loss never materializes the (B, T, vocab) logits: the head, softcap and cross-entropy run
+  in row chunks that compute their gradients on the way (softcap_cross_entropy).
 
 Build on the meta device, move to a real one, then initialize once:
     model = create_model(config, device)   # = meta build + to_empty + init_weights
@@ -21,6 +27,7 @@ from nanochat.common import get_dist_info
 
 SOFTCAP = 15.0
 VOCAB_PAD = 64
+LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once in the training loss: 1024 x 65536 fp32 = 256 MiB
 
 
 @dataclass
@@ -56,6 +63,10 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+# attention goes through this name, so that a memory trace (nanochat.memory) can model the GPU's flash kernel
+scaled_dot_product_attention = F.scaled_dot_product_attention
+
+
 def apply_rotary(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + d/2]) by position-dependent angles. x: (B, T, H, D)."""
     d = x.size(-1) // 2
@@ -64,15 +75,35 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-@torch.compiler.assume_constant_result  # lets torch.compile treat it as a constant (no graph break)
-def cuda_supports_bf16():
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISION_ENV = "NANOCHAT_PRECISION"
 
 
-def autocast_for(device):
-    """bf16 autocast on GPUs that support it (tensor cores), plain fp32 elsewhere (CPU)."""
-    use_bf16 = device.type == "cuda" and cuda_supports_bf16()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+def resolve_precision(name=None, device_type="cpu", gpu_supports_bf16=None):
+    """--precision (or $NANOCHAT_PRECISION) -> "bf16" | "fp16" | "fp32". "auto" (the default): bf16 on GPUs
+    that support it (Ampere and later), fp16 on older GPUs (T4, V100: training then scales the loss, see
+    LossScaler), fp32 on the CPU."""
+    import os
+    name = name or os.environ.get(PRECISION_ENV) or "auto"
+    if name != "auto":
+        if name not in PRECISIONS:
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {name!r} (--precision or ${PRECISION_ENV})")
+        return name
+    if device_type != "cuda":
+        return "fp32"
+    if gpu_supports_bf16 is None:
+        gpu_supports_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if gpu_supports_bf16 else "fp16"
+
+
+class CastedLinear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose matmul runs in `compute_dtype` (None: the
+    weight's own dtype): the fp32 master weight is cast on the fly, the input too."""
+    compute_dtype = None
+
+    def forward(self, x):
+        dtype = self.compute_dtype or self.weight.dtype
+        return F.linear(x.to(dtype), self.weight.to(dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -82,10 +113,10 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_q = CastedLinear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = CastedLinear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = CastedLinear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = CastedLinear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x, cos, sin, kv_cache, attn_mask=None):
         B, T, C = x.size()
@@ -93,9 +124,6 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
-        # autocast may run the norm in fp32: bring q, k back to v's dtype (bf16 on GPU) so that attention
-        # and the KV cache stay in one dtype
-        q, k = q.to(v.dtype), k.to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         Tq = T
         if kv_cache is not None:
@@ -112,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
             causal = False
         gqa = self.n_kv_head != self.n_head
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -120,11 +148,32 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = CastedLinear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = CastedLinear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
+
+
+class _ReluSquared(torch.autograd.Function):
+    """relu(x)^2 that keeps only its output for the backward: d/dx = 2 relu(x) = 2 sqrt(output). The output
+    is saved anyway (the next matmul's input), so the MLP keeps one (B, T, 4C) tensor instead of two: a
+    fifth of a block's activations. sqrt(round(r^2)) is r to the output dtype's precision."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = F.relu(x).square()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * 2 * out.sqrt()
+
+
+def relu_squared(x):
+    return _ReluSquared.apply(x)
 
 
 class Block(nn.Module):
@@ -134,8 +183,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache, attn_mask=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
-        return x + self.mlp(norm(x))
+        # cast the normed input once: q, k and v (c_fc alone in the MLP) share one low-precision copy
+        dtype = self.mlp.c_fc.compute_dtype or x.dtype
+        x = x + self.attn(norm(x).to(dtype), cos, sin, kv_cache, attn_mask)
+        return x + self.mlp(norm(x).to(dtype))
 
 
 class GPT(nn.Module):
@@ -146,10 +197,21 @@ class GPT(nn.Module):
             "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = CastedLinear(config.n_embd, config.padded_vocab_size, bias=False)
         # Rotary tables are derived data (not saved in checkpoints); init_weights fills them.
         self.register_buffer("rotary_cos", torch.empty(0), persistent=False)
         self.register_buffer("rotary_sin", torch.empty(0), persistent=False)
+        self.compute_dtype = None  # set_precision(); None: the weights' dtype
+        self.loss_chunk_rows = LOSS_CHUNK_ROWS  # 0: the plain loss, materializing every logit
+
+    def set_precision(self, precision):
+        """Run every matmul in this dtype ("bf16", "fp16", "fp32" or a torch dtype); the weights keep theirs."""
+        dtype = PRECISIONS[precision] if isinstance(precision, str) else precision
+        self.compute_dtype = dtype
+        for module in self.modules():
+            if isinstance(module, CastedLinear):
+                module.compute_dtype = dtype
+        return self
 
     @torch.no_grad()
     def init_weights(self):
@@ -196,17 +258,16 @@ class GPT(nn.Module):
             positions = (T0[:, None] + torch.arange(T)).to(idx.device)  # (B, T)
             cos, sin = self.rotary_cos[0, positions], self.rotary_sin[0, positions]  # (B, T, 1, D/2)
             attn_mask = (torch.arange(end, device=idx.device) <= positions[..., None])[:, None]  # (B, 1, T, end)
-        with autocast_for(idx.device):
-            x = norm(self.transformer.wte(idx))
-            for block in self.transformer.h:
-                x = block(x, cos, sin, kv_cache, attn_mask)
-            logits = self.lm_head(norm(x))
-        logits = logits[..., :self.config.vocab_size].float()  # padded ids are never predicted
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        x = norm(self.transformer.wte(idx))  # the residual stream stays in the weights' dtype (fp32 in training)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache, attn_mask)
+        x = norm(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+            logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # padded ids are never predicted
+            return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        dtype = self.compute_dtype or self.lm_head.weight.dtype
+        loss = softcap_cross_entropy(x.reshape(B * T, -1).to(dtype), self.lm_head.weight, targets.reshape(-1),
+                                     self.config.vocab_size, loss_reduction, self.loss_chunk_rows)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
     def num_params(self):
@@ -274,6 +335,71 @@ class GPT(nn.Module):
             yield next_id.item()
 
 
+def softcap_cross_entropy(h, weight, targets, vocab_size, reduction="mean", chunk_rows=LOSS_CHUNK_ROWS):
+    """Cross-entropy of softcapped logits, SOFTCAP * tanh(h @ weight[:vocab_size].T / SOFTCAP) in fp32, against
+    targets (-1: ignored). h: (N, C) in the compute dtype; weight: the head's (padded_vocab, C) parameter.
+    reduction "mean" (over non-ignored targets), "sum" or "none" ((N,) losses, 0 where ignored).
+
+    chunk_rows > 0: the rows go through in chunks of chunk_rows, and when gradients are wanted each chunk's
+    gradients for h and the weight are computed right there, from its probabilities, so that no (N, vocab)
+    tensor ever exists and backward only scales the stored gradients. The math is the plain path's (up to
+    summation order); chunk_rows 0 is the plain path (every logit materialized, autograd does the rest)."""
+    grad_wanted = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if chunk_rows <= 0 or (reduction == "none" and grad_wanted):  # per-row grads need the autograd graph
+        logits = F.linear(h, weight[:vocab_size].to(h.dtype)).float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+    return _chunked_softcap_cross_entropy(h, weight, targets, vocab_size, reduction, chunk_rows)
+
+
+@torch.compiler.disable  # a loop of big matmuls: nothing to fuse, and unrolling it would only slow compiling
+def _chunked_softcap_cross_entropy(h, weight, targets, vocab_size, reduction, chunk_rows):
+    return _ChunkedSoftcapCE.apply(h, weight, targets, vocab_size, reduction, chunk_rows)
+
+
+class _ChunkedSoftcapCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size, reduction, chunk_rows):
+        w = weight[:vocab_size].to(h.dtype)
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        valid = targets >= 0
+        # d loss / d row loss: 1 / (non-ignored targets) for the mean, 1 for the sum (a tensor: no host sync)
+        scale = 1.0 / valid.sum() if reduction == "mean" else torch.ones((), device=h.device)
+        losses = torch.zeros(h.size(0), dtype=torch.float32, device=h.device)
+        if grads:
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, h.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            hc, tc, vc = h[rows], targets[rows].clamp(min=0)[:, None], valid[rows]
+            # two (n, vocab) fp32 buffers at a time: tanh of the scaled logits, and their exponentials. The
+            # softcap bounds the logits to +-15, so exp cannot overflow and needs no max subtracted
+            capped = F.linear(hc, w).float().div_(SOFTCAP).tanh_()
+            g = (capped * SOFTCAP).exp_()
+            sumexp = g.sum(dim=-1)
+            losses[rows] = torch.where(vc, sumexp.log() - SOFTCAP * capped.gather(1, tc)[:, 0], 0.0)
+            if grads:
+                # d loss / d logit = softmax - onehot(target); through the softcap, times 1 - tanh^2
+                g.div_(sumexp[:, None])
+                g.scatter_add_(1, tc, -torch.ones_like(tc, dtype=g.dtype))
+                g.mul_(capped.square_().neg_().add_(1)).mul_((vc * scale)[:, None])
+                capped = None  # freed before g's low-precision copy is made
+                g = g.to(h.dtype)
+                grad_h[rows] = g @ w
+                grad_w[:vocab_size] += (hc.T @ g).float().T  # (C, vocab): no transposed copy of g
+            del g, capped  # before the next chunk allocates its own
+        if grads:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        if reduction == "none":
+            return losses
+        return losses.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
+
+
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     """One id per row from logits (B, V): greedy at temperature 0, else from softmax(logits / temperature)
     restricted to the top_k most likely ids when top_k is given. Returns (B, 1)."""
@@ -286,10 +412,11 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
 
 
-def create_model(config: GPTConfig, device) -> GPT:
-    """Build on the meta device (no memory, no wasted init), allocate on `device`, initialize once."""
+def create_model(config: GPTConfig, device, precision=None) -> GPT:
+    """Build on the meta device (no memory, no wasted init), allocate on `device`, initialize once; matmuls in
+    `precision` (default: resolve_precision's auto for the device)."""
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    return model
+    return model.set_precision(resolve_precision(precision, torch.device(device).type))

@@ -91,14 +91,15 @@ def test_kv_cache_matches_full_forward(chunks):
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=KV_ATOL, rtol=0)
 
 
-def test_bf16_autocast_path(monkeypatch):
-    """The GPU path (bf16 autocast), exercised on CPU: bf16 activations and KV cache, fp32 logits and grads."""
+def test_bf16_precision_path():
+    """The GPU path (bf16 matmuls on fp32 master weights), exercised on CPU: bf16 activations and KV cache,
+    fp32 logits, loss and gradients."""
     model = random_model()
     idx = torch.randint(0, VOCAB, (2, 12))
     fp32_logits = model(idx)
-    monkeypatch.setattr(gpt, "autocast_for", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    model.set_precision("bf16")
     logits = model(idx)
-    assert logits.dtype == torch.float32
+    assert logits.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
     cache = KVCache.for_model(model, batch_size=2, seq_len=12)
     cached = torch.cat([model(idx[:, :5], kv_cache=cache), model(idx[:, 5:], kv_cache=cache)], dim=1)
     assert cache.kv.dtype == torch.bfloat16
@@ -108,6 +109,70 @@ def test_bf16_autocast_path(monkeypatch):
     model.train()
     model(idx, idx).backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_resolve_precision(monkeypatch):
+    monkeypatch.delenv(gpt.PRECISION_ENV, raising=False)
+    assert gpt.resolve_precision(None, "cpu") == "fp32"
+    assert gpt.resolve_precision("auto", "cuda", gpu_supports_bf16=True) == "bf16"
+    assert gpt.resolve_precision("auto", "cuda", gpu_supports_bf16=False) == "fp16"  # T4, V100
+    assert gpt.resolve_precision("fp16", "cpu") == "fp16"  # explicit wins
+    monkeypatch.setenv(gpt.PRECISION_ENV, "bf16")
+    assert gpt.resolve_precision(None, "cpu") == "bf16"
+    with pytest.raises(ValueError, match="NANOCHAT_PRECISION"):
+        gpt.resolve_precision("fp8", "cpu")
+
+
+def plain_softcap_loss(h, weight, targets, vocab, reduction):
+    """The head + softcap + cross-entropy written out with nothing chunked: every logit materialized."""
+    logits = (h.float() @ weight[:vocab].float().T)
+    logits = 15.0 * torch.tanh(logits / 15.0)
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_loss_equals_plain_loss_and_gradients(reduction):
+    torch.manual_seed(0)
+    vocab, padded = 300, 320
+    h = torch.randn(37, 24, requires_grad=True)  # 37 rows: the last chunk of 8 is partial
+    weight = torch.randn(padded, 24) * 0.7  # logits large enough for the softcap to bend them
+    weight.requires_grad_(True)
+    targets = torch.randint(0, vocab, (37,))
+    targets[[0, 5, 36]] = -1
+    want = plain_softcap_loss(h, weight, targets, vocab, reduction)
+    want_grads = torch.autograd.grad(want, (h, weight))
+    got = gpt.softcap_cross_entropy(h, weight, targets, vocab, reduction, chunk_rows=8)
+    got_grads = torch.autograd.grad(got, (h, weight))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert (got_grads[1][vocab:] == 0).all()  # padded rows of the head get no gradient
+    with torch.no_grad():  # per-row losses, as the bits-per-byte evaluation takes them
+        none = gpt.softcap_cross_entropy(h, weight, targets, vocab, "none", chunk_rows=8)
+    torch.testing.assert_close(none, plain_softcap_loss(h, weight, targets, vocab, "none"), rtol=1e-5, atol=1e-5)
+
+
+def test_model_loss_is_the_same_chunked_or_plain():
+    """The whole model: the chunked loss (default) and the plain one give the same loss and gradients."""
+    model = random_model().train()
+    idx = torch.randint(0, VOCAB, (2, 32))
+    targets = idx.roll(-1, dims=1)
+    results = []
+    for chunk in (0, 5):
+        model.loss_chunk_rows = chunk
+        model.zero_grad()
+        loss = model(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_relu_squared_gradient():
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(gpt.relu_squared(x).sum(), x)
+    torch.testing.assert_close(gx, 2 * x.detach().clamp(min=0))
 
 
 def test_kv_cache_prefill_into_batch():
