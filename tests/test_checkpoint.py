@@ -9,7 +9,8 @@ from nanochat.gpt import GPTConfig, create_model
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
 TOKENIZER = "tok-sha256:abc123"
-# distributed vs single-process training differ only by float rounding (gradient averaging order)
+# distributed vs single-process training differ only by float rounding (gradient averaging order, the
+# loss summed chunk by chunk)
 RESHARD_ATOL = 1e-5
 
 
@@ -148,7 +149,7 @@ def test_optimizer_state_reshards_between_world_sizes(tmp_path):
 
     # 1 -> 2: resumed on 2 ranks, the 3rd step lands where the single process's did
     for got, want in zip(torch.load(tmp_path / "resumed_on_2.pt"), reference_step3):
-        torch.testing.assert_close(got, want, atol=RESHARD_ATOL, rtol=0)
+        torch.testing.assert_close(got, want, atol=RESHARD_ATOL, rtol=RESHARD_ATOL)
     # 2 -> 1: the shards merge into the state the single process holds after the same 2 steps
     assert load_meta(two_rank, 2)["world_size"] == 2 and (step_dir(two_rank, 2) / "optim_rank1.pt").is_file()
     model, _ = build_model(two_rank, 2, "cpu", phase="train")
@@ -157,7 +158,7 @@ def test_optimizer_state_reshards_between_world_sizes(tmp_path):
     merged = optimizer_tensors(optimizers)
     assert merged.keys() == reference_state.keys()
     for key, want in reference_state.items():
-        torch.testing.assert_close(merged[key], want, atol=RESHARD_ATOL, rtol=0)
+        torch.testing.assert_close(merged[key], want, atol=RESHARD_ATOL, rtol=RESHARD_ATOL)
     train(model, optimizers, [2])
     for got, want in zip(params(model), reference_step3):
-        torch.testing.assert_close(got, want, atol=RESHARD_ATOL, rtol=0)
+        torch.testing.assert_close(got, want, atol=RESHARD_ATOL, rtol=RESHARD_ATOL)
