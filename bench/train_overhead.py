@@ -1,4 +1,4 @@
-"""Ray Train's cost: the same optimizer steps (ray_jobs.common.optimizer_step, what every phase's
+"""Ray Train's cost: the same optimizer steps (ray_jobs.training.optimizer_step, what every phase's
 TrainLoop runs) at the same settings, in this process ("bare") and inside a one-worker TorchTrainer
 ("torchtrainer"): steady-state tokens/s of each. Prints ONE JSON line.
 
@@ -43,7 +43,7 @@ def timed_steps(config):
     import torch
 
     from nanochat.gpt import GPTConfig, create_model
-    from ray_jobs.common import muon_momentum, optimizer_step
+    from ray_jobs.training import muon_momentum, optimizer_step
     c = argparse.Namespace(**config)
     torch.set_num_threads(c.threads)
     torch.manual_seed(0)

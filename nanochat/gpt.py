@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import get_dist_info
+from nanochat.precision import PRECISIONS, resolve_precision
 
 SOFTCAP = 15.0
 VOCAB_PAD = 64
@@ -73,27 +74,6 @@ def apply_rotary(x, cos, sin):
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PRECISION_ENV = "NANOCHAT_PRECISION"
-
-
-def resolve_precision(name=None, device_type="cpu", gpu_supports_bf16=None):
-    """--precision (or $NANOCHAT_PRECISION) -> "bf16" | "fp16" | "fp32". "auto" (the default): bf16 on GPUs
-    that support it (Ampere and later), fp16 on older GPUs (T4, V100: training then scales the loss, see
-    LossScaler), fp32 on the CPU."""
-    import os
-    name = name or os.environ.get(PRECISION_ENV) or "auto"
-    if name != "auto":
-        if name not in PRECISIONS:
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {name!r} (--precision or ${PRECISION_ENV})")
-        return name
-    if device_type != "cuda":
-        return "fp32"
-    if gpu_supports_bf16 is None:
-        gpu_supports_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return "bf16" if gpu_supports_bf16 else "fp16"
 
 
 class CastedLinear(nn.Linear):

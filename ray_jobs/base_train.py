@@ -14,8 +14,9 @@ infinite loss stops the run with an error naming the step; the last good checkpo
 import argparse
 from pathlib import Path
 
-from ray_jobs.common import (TrainLoop, add_training_flags, apply_preset, lr_multiplier, muon_momentum,  # noqa: F401 (schedule re-exported)
-                             report_training, run_phase_script)
+from ray_jobs.common import run_phase_script
+from ray_jobs.training import (TrainLoop, add_training_flags, apply_preset, lr_multiplier, muon_momentum,  # noqa: F401 (schedule re-exported)
+                               report_training)
 
 parser = argparse.ArgumentParser(description="Base pretraining on Ray Train")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: a small CPU model, a few minutes")
@@ -53,7 +54,7 @@ def train_loop(config):
     from nanochat.gpt import GPTConfig, create_model
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
-    from ray_jobs.common import resume_or_init, worker_device
+    from ray_jobs.training import resume_or_init, worker_device
     from ray_jobs.data import packed_batches, val_batches
 
     log = setup_logging()
@@ -108,7 +109,7 @@ def main(args):
     """Build the data pipeline and the TorchTrainer, run it, return rank 0's summary."""
     from nanochat.common import get_base_dir
     from nanochat.tokenizer import get_tokenizer_dir
-    from ray_jobs.common import build_trainer, fit, init_training_cluster, prepare_run
+    from ray_jobs.training import build_trainer, fit, init_training_cluster, prepare_run
     from ray_jobs.data import build_pretrain_dataset, pretrain_data_config
 
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})

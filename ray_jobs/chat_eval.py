@@ -23,7 +23,8 @@ and taking problems w, w + W, ... of every task.
 """
 import argparse
 
-from ray_jobs.common import apply_preset, run_phase_script
+from ray_jobs.common import run_phase_script
+from ray_jobs.training import apply_preset
 
 TASK_NAMES = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 
@@ -151,7 +152,8 @@ def main(args):
     import ray
     from nanochat.common import get_base_dir, setup_logging
     from nanochat.tokenizer import get_tokenizer_dir
-    from ray_jobs.common import find_source, init_ray, submit_task
+    from ray_jobs.common import init_ray, submit_task
+    from ray_jobs.training import find_source
 
     log = setup_logging()
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})

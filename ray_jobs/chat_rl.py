@@ -36,7 +36,8 @@ import logging
 import os
 import time
 
-from ray_jobs.common import add_training_flags, apply_preset, report_training, run_phase_script, step_optimizers, train_from_source
+from ray_jobs.common import run_phase_script
+from ray_jobs.training import add_training_flags, apply_preset, report_training, step_optimizers, train_from_source
 
 logger = logging.getLogger("nanochat.rl")
 
@@ -349,7 +350,7 @@ def train_loop(config):
     import torch
     import torch.distributed as dist
     from nanochat.common import get_dist_info
-    from ray_jobs.common import TrainLoop, lr_multiplier, source_worker
+    from ray_jobs.training import TrainLoop, lr_multiplier, source_worker
 
     w = source_worker(config, "rl")  # device, tokenizer, tasks, model + optimizers (resumed, or the source's)
     c, model, device = w.c, w.model, w.device

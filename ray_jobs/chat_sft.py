@@ -12,12 +12,13 @@ to its longest row, and the targets are -1 (no loss) everywhere but the tokens t
 render_conversation marks as the assistant's: user turns, tool outputs and padding teach nothing.
 The loss is the mean over a micro-batch's assistant tokens.
 
-Resume, checkpoints, SIGTERM stop, NaN guard: as in base_train (ray_jobs/common.TrainLoop); the data
+Resume, checkpoints, SIGTERM stop, NaN guard: as in base_train (ray_jobs/training.TrainLoop); the data
 position saved is this worker's example index (and epoch).
 """
 import argparse
 
-from ray_jobs.common import add_training_flags, apply_preset, examples_only, report_training, run_phase_script, train_from_source
+from ray_jobs.common import run_phase_script
+from ray_jobs.training import add_training_flags, apply_preset, examples_only, report_training, train_from_source
 
 parser = argparse.ArgumentParser(description="Supervised fine-tuning on Ray Train")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: CPU, 2 workers, a small mixture, minutes")
@@ -80,7 +81,7 @@ def sft_batches(task, tokenizer, B, T, device="cpu", state=None):
     """Yield (inputs, targets, state) forever: B of this worker's conversations per batch, each rendered to
     at most T+1 tokens; a conversation with no assistant token left after that is skipped. state is the
     position just after the batch's last conversation."""
-    from ray_jobs.common import rank_conversations
+    from ray_jobs.training import rank_conversations
     conversations = rank_conversations(task, state)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     while True:
@@ -97,7 +98,7 @@ def sft_batches(task, tokenizer, B, T, device="cpu", state=None):
 
 def train_loop(config):
     from nanochat.common import get_dist_info
-    from ray_jobs.common import run_source_loop, source_worker
+    from ray_jobs.training import run_source_loop, source_worker
 
     w = source_worker(config, "sft")
     c, world = w.c, get_dist_info()[3]

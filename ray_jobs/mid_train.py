@@ -15,11 +15,12 @@ pretraining-like, on chat-shaped data; restricting the loss to the assistant is 
 Resume: the data position saved in each checkpoint is this worker's example index (and epoch);
 conversations that sat in the packer's buffer when it was saved are skipped on resume. Everything
 else (checkpoints on every --save-every steps, worker-loss recovery, SIGTERM stop, NaN guard, the
-validation bits per byte on held-out conversations) works as in base_train (ray_jobs/common.TrainLoop).
+validation bits per byte on held-out conversations) works as in base_train (ray_jobs/training.TrainLoop).
 """
 import argparse
 
-from ray_jobs.common import add_training_flags, apply_preset, examples_only, report_training, run_phase_script, train_from_source
+from ray_jobs.common import run_phase_script
+from ray_jobs.training import add_training_flags, apply_preset, examples_only, report_training, train_from_source
 
 parser = argparse.ArgumentParser(description="Midtraining on Ray Train")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: CPU, 2 workers, a small mixture, minutes")
@@ -76,7 +77,7 @@ def packed_conversation_batches(task, tokenizer, B, T, device="cpu", state=None)
     cropped). state is the position just after the last conversation taken into the packer."""
     import numpy as np
     from nanochat.dataloader import BestFitPacker, rows_to_batch
-    from ray_jobs.common import rank_conversations
+    from ray_jobs.training import rank_conversations
     conversations = rank_conversations(task, state)
     packer = BestFitPacker(T + 1)
     while True:
@@ -103,7 +104,7 @@ def train_loop(config):
     import torch
     import torch.distributed as dist
     from nanochat.common import get_dist_info
-    from ray_jobs.common import run_source_loop, source_worker
+    from ray_jobs.training import run_source_loop, source_worker
 
     w = source_worker(config, "mid")
     c, world = w.c, get_dist_info()[3]

@@ -8,7 +8,7 @@ import torch
 
 from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, find_last_step, save_checkpoint
 from ray_jobs import chat_sft, mid_train
-from ray_jobs.common import rank_conversations, resume_or_init
+from ray_jobs.training import rank_conversations, resume_or_init
 from tasks.common import Task, TaskDataError
 from tiny_checkpoint import TAG, install, make_tiny_checkpoint
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanochat import gpt
+from nanochat import gpt, precision
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig, create_model
 
@@ -112,15 +112,15 @@ def test_bf16_precision_path():
 
 
 def test_resolve_precision(monkeypatch):
-    monkeypatch.delenv(gpt.PRECISION_ENV, raising=False)
-    assert gpt.resolve_precision(None, "cpu") == "fp32"
-    assert gpt.resolve_precision("auto", "cuda", gpu_supports_bf16=True) == "bf16"
-    assert gpt.resolve_precision("auto", "cuda", gpu_supports_bf16=False) == "fp16"  # T4, V100
-    assert gpt.resolve_precision("fp16", "cpu") == "fp16"  # explicit wins
-    monkeypatch.setenv(gpt.PRECISION_ENV, "bf16")
-    assert gpt.resolve_precision(None, "cpu") == "bf16"
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    assert precision.resolve_precision(None, "cpu") == "fp32"
+    assert precision.resolve_precision("auto", "cuda", gpu_supports_bf16=True) == "bf16"
+    assert precision.resolve_precision("auto", "cuda", gpu_supports_bf16=False) == "fp16"  # T4, V100
+    assert precision.resolve_precision("fp16", "cpu") == "fp16"  # explicit wins
+    monkeypatch.setenv(precision.PRECISION_ENV, "bf16")
+    assert precision.resolve_precision(None, "cpu") == "bf16"
     with pytest.raises(ValueError, match="NANOCHAT_PRECISION"):
-        gpt.resolve_precision("fp8", "cpu")
+        precision.resolve_precision("fp8", "cpu")
 
 
 def plain_softcap_loss(h, weight, targets, vocab, reduction):

@@ -1,0 +1,485 @@
+"""The training phases on Ray Train (base, mid, sft, and RL's update): what their drivers and worker
+loops share. Driver side: the flags every phase has, presets, the source checkpoint, the run directory,
+the TorchTrainer and its SIGTERM stop, the report section. Worker side: device, resume-or-init of model
+and optimizers, per-rank conversation shares, and TrainLoop, the optimizer-step loop every worker runs."""
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+from nanochat.common import get_base_dir, get_dist_info
+from ray_jobs.common import init_ray
+
+logger = logging.getLogger("nanochat.train")
+
+# ---- training phases on Ray Train (base, mid, sft): what their drivers and worker loops share -----------
+
+STOP_FILE = "STOP"  # written by the driver on SIGTERM; the workers checkpoint and return
+
+
+def add_training_flags(parser, **defaults):
+    """The flags every training phase has: optimization and LR schedule, evaluation/checkpoint
+    intervals, cluster and run bookkeeping. `defaults` overrides a phase's own (e.g. warmdown_ratio=1.0)."""
+    d = dict(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0, init_lr_frac=1.0,
+             warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0, eval_every=250, save_every=1000, log_every=1,
+             num_workers=8)
+    d.update(defaults)
+    add = parser.add_argument
+    # optimization
+    add("--embedding-lr", type=float, default=d["embedding_lr"])
+    add("--unembedding-lr", type=float, default=d["unembedding_lr"])
+    add("--matrix-lr", type=float, default=d["matrix_lr"])
+    add("--weight-decay", type=float, default=d["weight_decay"])
+    add("--init-lr-frac", type=float, default=d["init_lr_frac"], help="every learning rate is multiplied by this")
+    add("--warmup-ratio", type=float, default=d["warmup_ratio"])
+    add("--warmdown-ratio", type=float, default=d["warmdown_ratio"])
+    add("--final-lr-frac", type=float, default=d["final_lr_frac"])
+    # evaluation, checkpoints
+    add("--eval-every", type=int, default=d["eval_every"], help="steps between validation evaluations (-1: never)")
+    add("--save-every", type=int, default=d["save_every"], help="checkpoint interval in steps (-1: only at the end)")
+    add("--log-every", type=int, default=d["log_every"])
+    # cluster
+    add("--num-workers", type=int, default=d["num_workers"])
+    add("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: GPUs if the cluster has them")
+    add("--cpus-per-worker", type=float, default=None, help="default: 1 on CPU runs, 8 on GPU runs")
+    add("--max-failures", type=int, default=3, help="worker failures Ray Train recovers from")
+    # run bookkeeping
+    add("--tag", default=None, help="checkpoint tag (base: d<depth>; later phases: the source checkpoint's tag)")
+    add("--storage", default=None, help="checkpoint storage every node sees (default: $NANOCHAT_BASE_DIR)")
+    add("--resume", action="store_true", help="continue from the tag's last checkpoint (else start fresh)")
+    add("--wandb", default=None, help="Weights & Biases run name (off by default)")
+    add("--seed", type=int, default=42)
+
+
+def apply_preset(parser, args, preset: dict):
+    """Set the preset's values on the flags left at their defaults: explicit flags win."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for key, value in preset.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+    return args
+
+
+def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Linear warmup, constant, then linear warmdown to final_lr_frac."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step):
+    """Momentum warms up from 0.85 to 0.95 over the first 300 steps."""
+    frac = min(step / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def find_source(phases, tag=None, step=None, base_dir=None):
+    """The checkpoint a phase starts from or evaluates: the first of `phases` that has one (e.g. ("mid",
+    "base") for SFT), its latest tag unless `tag`, its last step unless `step`. Returns (phase, tag, step,
+    directory); raises CheckpointError saying what is missing."""
+    from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_last_step, find_latest_tag
+    for phase in phases:
+        found_tag = tag or find_latest_tag(phase, base_dir)
+        directory = checkpoint_dir(phase, found_tag, base_dir) if found_tag else None
+        last = find_last_step(directory) if directory else None
+        if last is not None:
+            return phase, found_tag, last if step is None else step, directory
+    root = Path(base_dir or get_base_dir()) / "checkpoints"
+    raise CheckpointError(f"no complete checkpoint for phase {' or '.join(phases)}"
+                          f"{f' with tag {tag!r}' if tag else ''} under {root}: run the previous phase first")
+
+
+def prepare_run(phase, tag, storage, resume):
+    """Driver side, before a training run: without --resume, earlier checkpoints of the tag move aside
+    (kept, not deleted) and the run starts fresh. Returns the run's directory (STOP file cleared)."""
+    from nanochat.checkpoint import checkpoint_dir, find_last_step
+    ckpt_dir = checkpoint_dir(phase, tag, base_dir=storage)
+    if find_last_step(ckpt_dir) is not None and not resume:
+        stale = ckpt_dir.with_name(f"{ckpt_dir.name}.old-{int(time.time())}")
+        logger.warning("checkpoints exist in %s and --resume was not given: moving them to %s and starting fresh", ckpt_dir, stale)
+        ckpt_dir.rename(stale)
+    run_dir = Path(storage) / "runs" / f"{phase}-{tag}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    return run_dir
+
+
+def init_training_cluster(args):
+    """Connect to (or start) Ray, then settle --device auto and --cpus-per-worker from its resources."""
+    resources = init_ray()
+    if args.device == "auto":
+        args.device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
+    if args.cpus_per_worker is None:
+        args.cpus_per_worker = 8 if args.device == "cuda" else 1
+    return resources
+
+
+def build_trainer(train_loop, config, phase, datasets=None, dataset_config=None):
+    """The TorchTrainer of a phase: config["num_workers"] workers (a GPU each with NCCL, or CPU processes
+    with gloo), a fresh Ray run name each time (our own checkpoints carry the state, not Ray's), and
+    FailureConfig restarts after a worker loss (the loop resumes from its last complete checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    use_gpu = config["device"] == "cuda"
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config["num_workers"], use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=f"{phase}-{config['tag']}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(config["storage"]) / "ray_train"),
+            failure_config=FailureConfig(max_failures=config["max_failures"], controller_failure_limit=config["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+        **({"datasets": datasets} if datasets else {}),
+        **({"dataset_config": dataset_config} if dataset_config else {}),
+    )
+
+
+def fit(trainer, run_dir):
+    """trainer.fit(), with SIGTERM (ray job stop, a spot node going away) asking the workers to write a
+    checkpoint and stop. Returns rank 0's summary plus wall_seconds; raises RuntimeError on an error status."""
+    import signal
+    import threading
+
+    def on_sigterm(signum, frame):
+        logger.warning("SIGTERM: asking the workers to write a checkpoint and stop")
+        (Path(run_dir) / STOP_FILE).write_text("stop")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    summary = dict(result.return_value or {})
+    summary["wall_seconds"] = round(time.time() - t0, 1)
+    if str(summary.get("status", "")).startswith("error"):
+        raise RuntimeError(summary["status"])
+    return summary
+
+
+def worker_device(c):
+    """In a train worker: its GPU, or the CPU with as many threads as the worker's CPU share."""
+    import torch
+    if c.device == "cuda":
+        device = torch.device("cuda", get_dist_info()[2])
+        torch.cuda.set_device(device)
+        return device
+    torch.set_num_threads(max(1, int(c.cpus_per_worker)))  # no oversubscription between workers
+    return torch.device("cpu")
+
+
+def setup_optimizers(model, c):
+    f = c.init_lr_frac
+    return model.setup_optimizers(c.unembedding_lr * f, c.embedding_lr * f, c.matrix_lr * f, c.weight_decay)
+
+
+def resume_or_init(ckpt_dir, device, c, tokenizer, init, expect_config=None):
+    """(model, optimizers, start_step, meta) on a train worker. From the last complete checkpoint in
+    ckpt_dir when there is one (a restart after a worker failure, or --resume; also on another number of
+    workers), else init() gives the model (a new one, or the previous phase's weights) with fresh
+    optimizers at step 0 and meta {}."""
+    from nanochat.checkpoint import build_model, find_last_step, load_optimizers
+    start_step = find_last_step(ckpt_dir)
+    if start_step is None:
+        model = init()
+        return model, setup_optimizers(model, c), 0, {}
+    model, meta = build_model(ckpt_dir, start_step, device, phase="train", expect_config=expect_config,
+                              expect_tokenizer=tokenizer.fingerprint())
+    optimizers = setup_optimizers(model, c)
+    load_optimizers(optimizers, ckpt_dir, start_step)
+    logger.info("rank %d: resumed from %s step %d (saved by %s workers, now %d)", get_dist_info()[1], ckpt_dir,
+                start_step, meta.get("world_size"), get_dist_info()[3])
+    return model, optimizers, start_step, meta
+
+
+def rank_conversations(task, state=None):
+    """This worker's conversations of `task` (examples rank, rank + world, ...: disjoint across workers),
+    epoch after epoch, each with the position just after it, {"epoch": e, "example": i} (i counts this
+    worker's examples). Pass a saved position as `state` to continue from it."""
+    _, rank, _, world = get_dist_info()
+    indices = range(rank, len(task), world)
+    if not indices:
+        raise ValueError(f"{len(task)} examples cannot be shared by {world} workers")
+    state = dict(state or {"epoch": 0, "example": 0})
+    while True:
+        for i in indices[state["example"]:]:
+            state["example"] += 1
+            yield task[i], dict(state)
+        state = {"epoch": state["epoch"] + 1, "example": 0}
+
+
+def _peak_flops(device):
+    """bf16 dense peak FLOP/s of the GPU, for MFU; None on CPU or unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    import torch
+    name = torch.cuda.get_device_name(device)
+    for key, flops in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}.items():
+        if key in name:
+            return flops
+    return None
+
+
+def optimizer_step(model, optimizers, next_batch, grad_accum, lr_mult, momentum):
+    """One optimizer step: grad_accum forward/backwards on next_batch() -> (inputs, targets), then every
+    optimizer at its initial LR x lr_mult (Muon groups also at this momentum). Returns the summed loss
+    and the count of trained tokens as tensors on the model's device (no host sync here)."""
+    import torch
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    tokens = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        inputs, targets = next_batch()
+        loss = model(inputs, targets) / grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+        tokens += (targets >= 0).sum()
+    step_optimizers(model, optimizers, lr_mult, momentum)
+    return loss_sum, tokens
+
+
+def step_optimizers(model, optimizers, lr_mult, momentum=None):
+    """Step every optimizer at its initial LR x lr_mult (Muon groups at `momentum` when given), then
+    clear the gradients."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+            if momentum is not None and "momentum" in group:
+                group["momentum"] = momentum
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+class TrainLoop:
+    """The optimizer-step loop of every training phase, on each worker. The phase brings the model and
+    optimizers (resume_or_init), a batch source and an evaluation; the loop does the rest alike for all:
+    LR schedule and Muon momentum, gradient accumulation, ONE small all_reduce per step (the loss, the
+    trained-token count and the driver's STOP request), a NaN guard that stops with the step, periodic
+    evaluation and checkpoints (save_checkpoint on every rank + ray.train.report), per-step logs, and the
+    state a resumed run continues from (curves, smoothed loss, data position, every (re)start)."""
+
+    def __init__(self, config, phase, ckpt_dir, model, optimizers, tokenizer, device, start_step, meta,
+                 num_iterations, grad_accum, metric="val_bpb"):
+        self.config, self.c, self.phase, self.ckpt_dir = config, argparse.Namespace(**config), phase, ckpt_dir
+        self.model, self.optimizers, self.tokenizer, self.device = model, optimizers, tokenizer, device
+        self.start_step, self.num_iterations, self.grad_accum, self.metric = start_step, num_iterations, grad_accum, metric
+        self.rank, self.world = get_dist_info()[1], get_dist_info()[3]
+        self.stop_file = Path(self.c.run_dir) / STOP_FILE
+        state = meta.get("loop_state", {})
+        self.data_state = meta.get("data_state")
+        self.curves = state.get("curves", {"loss": {"x": [], "y": []}, metric: {"x": [], "y": []}})
+        self.smooth_loss = state.get("smooth_loss", 0.0)
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.tokens_trained = state.get("tokens_trained", 0)
+        self.value = state.get(metric)  # the latest validation value
+        self.starts = state.get("starts", []) + [start_step]  # every (re)start of the loop, for the record
+
+    def save(self, step, reason):
+        """Checkpoint on every rank; refuses (returns False) when the weights are no longer finite, so the
+        last good checkpoint is never replaced by a broken one."""
+        import torch
+        import ray.train
+        from nanochat.checkpoint import save_checkpoint
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            return False
+        loop_state = {"curves": self.curves, "smooth_loss": self.smooth_loss, "train_seconds": self.train_seconds,
+                      "tokens_trained": self.tokens_trained, self.metric: self.value, "starts": self.starts}
+        meta = {"phase": self.phase, "data_state": self.data_state, "num_iterations": self.num_iterations,
+                self.metric: self.value, "loop_state": loop_state,
+                "settings": {k: v for k, v in self.config.items() if isinstance(v, (str, int, float, bool, type(None)))}}
+        save_checkpoint(self.ckpt_dir, step, self.model, self.optimizers, meta, tokenizer_fingerprint=self.tokenizer.fingerprint())
+        ray.train.report({"step": step, self.metric: self.value, "loss": self.smooth_loss, "reason": reason})
+        if self.rank == 0:
+            logger.info("checkpoint step %d saved (%s)", step, reason)
+        return True
+
+    def run(self, next_batch, evaluate=None, sample=None, sample_every=-1):
+        """Train until num_iterations (or a STOP request, or a non-finite loss). next_batch() -> (inputs,
+        targets, data_state) with targets -1 where no loss is taken; evaluate() -> the validation metric
+        (called on every rank); sample() logs a few generations (rank 0). Returns the run's summary."""
+        import torch
+        import torch.distributed as dist
+        from nanochat.checkpoint import find_last_step
+        c, model, device = self.c, self.model, self.device
+        flops_per_token, peak_flops = model.estimate_flops(), _peak_flops(device)
+        wandb_run = _init_wandb(self.config) if c.wandb and self.rank == 0 else None
+        step, start_step, num_iterations, status = self.start_step, self.start_step, self.num_iterations, "finished"
+        while True:
+            last = step == num_iterations
+            if evaluate and c.eval_every > 0 and (step % c.eval_every == 0 or last) and (step > start_step or start_step == 0):
+                model.eval()
+                self.value = evaluate()
+                model.train()
+                self.curves[self.metric]["x"].append(step)
+                self.curves[self.metric]["y"].append(self.value)
+                if self.rank == 0:
+                    logger.info("step %d/%d: %s %.4f", step, num_iterations, self.metric, self.value)
+                    _wandb_log(wandb_run, {f"val/{self.metric}": self.value}, step)
+            if sample and self.rank == 0 and sample_every > 0 and (step % sample_every == 0 or last) and step > 0:
+                model.eval()
+                sample()
+                model.train()
+            periodic = step > start_step and c.save_every > 0 and step % c.save_every == 0
+            if (last or periodic) and not self.save(step, "end" if last else "periodic"):
+                status = f"error: the weights are not finite at step {step}; last good checkpoint: step {find_last_step(self.ckpt_dir)} in {self.ckpt_dir}"
+                break
+            if last:
+                break
+
+            # one optimizer step: grad_accum micro-steps on every worker
+            t0 = time.time()
+
+            def next_batch_keeping_state():
+                inputs, targets, self.data_state = next_batch()
+                return inputs, targets
+            lr_mult = lr_multiplier(step, num_iterations, c.warmup_ratio, c.warmdown_ratio, c.final_lr_frac)
+            loss_sum, tokens = optimizer_step(model, self.optimizers, next_batch_keeping_state, self.grad_accum, lr_mult, muon_momentum(step))
+            # one small collective per step: the loss, the tokens trained on, whether the driver asked us to stop
+            stop_local = float(self.rank == 0 and self.stop_file.exists())
+            flags = torch.stack([loss_sum.float(), tokens.float(), torch.tensor(stop_local, device=device)])
+            if self.world > 1:
+                dist.all_reduce(flags)
+            step_loss, step_tokens, stop_requested = flags[0].item() / self.world, int(flags[1].item()), flags[2].item() > 0
+            dt = time.time() - t0
+            step += 1
+            if not math.isfinite(step_loss):
+                message = f"loss is {step_loss} at step {step}; stopping. Last good checkpoint: step {find_last_step(self.ckpt_dir)} in {self.ckpt_dir}"
+                if self.rank == 0:
+                    logger.error(message)
+                status = f"error: {message}"
+                break
+            if step > start_step + 1:  # the first step after (re)start includes warm-up costs
+                self.train_seconds += dt
+            self.tokens_trained += step_tokens
+            self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * step_loss  # EMA from 0, debiased below
+            debiased = self.smooth_loss / (1 - 0.9 ** step)
+            if self.rank == 0 and (step % c.log_every == 0 or step == num_iterations):
+                tok_per_s = step_tokens / dt
+                mfu = f", MFU {100 * flops_per_token * tok_per_s / (peak_flops * self.world):.1f}%" if peak_flops else ""
+                eta = (num_iterations - step) * (self.train_seconds / max(1, step - start_step - 1)) if step > start_step + 1 else 0
+                logger.info("%s step %d/%d: loss %.4f, lr x%.3f, %.0f tokens/s%s, %.2fs/step, ETA %.1f min",
+                            self.phase, step, num_iterations, debiased, lr_mult, tok_per_s, mfu, dt, eta / 60)
+                self.curves["loss"]["x"].append(step)
+                self.curves["loss"]["y"].append(round(debiased, 5))
+                _wandb_log(wandb_run, {"train/loss": debiased, "train/lr_mult": lr_mult, "train/tok_per_s": tok_per_s}, step)
+            if stop_requested:
+                status = "stopped" if self.save(step, "stop requested") else f"error: the weights are not finite at step {step}"
+                break
+        if wandb_run is not None:
+            wandb_run.finish()
+        final_loss = self.smooth_loss / (1 - 0.9 ** step) if step else 0.0
+        return {"status": status, "step": step, "num_iterations": num_iterations, self.metric: self.value,
+                "final_loss": final_loss, "train_seconds": self.train_seconds, "tokens_trained": self.tokens_trained,
+                "starts": self.starts, "curves": self.curves, "checkpoint_dir": str(self.ckpt_dir)}
+
+
+def _init_wandb(config):
+    import wandb
+    return wandb.init(project="nanochat-ray", name=config["wandb"],
+                      config={k: v for k, v in config.items() if isinstance(v, (str, int, float, bool, type(None)))})
+
+
+def _wandb_log(run, data, step):
+    if run is not None:
+        run.log(data, step=step)
+
+
+# ---- phases that continue an earlier phase's checkpoint on conversations (mid, sft) ---------------------
+
+def train_from_source(phase, train_loop, args, source_phases, build_data, check=None):
+    """Driver of mid/sft: find the source checkpoint (the first of source_phases that has one, or
+    --source-tag/--source-step), let check(its model config) refuse bad settings, build the (train,
+    validation) tasks with build_data() here, so that a malformed row fails in the driver with its file
+    and line rather than deep in a worker, ship them to the workers through the object store, run the
+    TorchTrainer. Returns rank 0's summary."""
+    import ray
+    from nanochat.checkpoint import load_meta
+    from nanochat.tokenizer import get_tokenizer_dir
+    storage = args.storage or str(get_base_dir())
+    source_phase, source_tag, source_step, source_dir = find_source(source_phases, args.source_tag, args.source_step, storage)
+    args.source_phase, args.tag = source_phase, args.tag or source_tag
+    if check is not None:
+        check(load_meta(source_dir, source_step)["model_config"])
+    train_task, val_task = build_data()
+    logger.info("%s: %d training conversations, %d held out; from %s step %d", phase, len(train_task), len(val_task),
+                source_dir, source_step)
+    init_training_cluster(args)
+    run_dir = prepare_run(phase, args.tag, storage, args.resume)
+    config = dict(vars(args), tokenizer_dir=str(get_tokenizer_dir()), storage=storage, run_dir=str(run_dir),
+                  source_dir=str(source_dir), source_step=source_step, data=ray.put((train_task, val_task)))
+    return fit(build_trainer(train_loop, config, phase), run_dir)
+
+
+def examples_only(task):
+    """The task's conversations (after its slicing and mixing) as a plain list-backed Task: what training
+    workers need, without the rest of the source files that a slice of a dataset still holds."""
+    from tasks.common import Task
+    examples = Task()
+    examples.conversations = list(task)
+    return examples
+
+
+def source_worker(config, phase):
+    """Worker side of mid/sft, before the loop: device, tokenizer, the tasks from the driver, and model +
+    optimizers (resumed from this phase's last checkpoint, else the source's weights, fresh optimizers)."""
+    import ray
+    import torch
+    from nanochat.checkpoint import build_model, checkpoint_dir
+    from nanochat.common import setup_logging
+    from nanochat.tokenizer import get_token_bytes, get_tokenizer
+    setup_logging()
+    c = argparse.Namespace(**config)
+    device = worker_device(c)
+    torch.manual_seed(c.seed)
+    tokenizer = get_tokenizer(c.tokenizer_dir)
+    train_task, val_task = ray.get(c.data)
+    ckpt_dir = checkpoint_dir(phase, c.tag, base_dir=c.storage)
+
+    def from_source():
+        return build_model(c.source_dir, c.source_step, device, phase="train", expect_tokenizer=tokenizer.fingerprint())[0]
+    model, optimizers, start_step, meta = resume_or_init(ckpt_dir, device, c, tokenizer, from_source)
+    return argparse.Namespace(c=c, phase=phase, device=device, tokenizer=tokenizer, train_task=train_task, val_task=val_task,
+                              ckpt_dir=ckpt_dir, model=model, optimizers=optimizers, start_step=start_step, meta=meta,
+                              token_bytes=get_token_bytes(c.tokenizer_dir, device=device))
+
+
+def run_source_loop(w, config, num_iterations, grad_accum, batches):
+    """The TrainLoop of mid/sft: batches(task, state) yields (inputs, targets, state) of a task's share,
+    for training (from the saved data position) and for the validation bits per byte (the first
+    --eval-steps batches of the held-out task)."""
+    from nanochat.loss_eval import evaluate_bpb
+    c = w.c
+    if get_dist_info()[1] == 0:
+        logger.info("%s from %s step %d: %d conversations, %d steps (%d micro-steps x %d workers)", w.phase, c.source_dir,
+                    c.source_step, len(w.train_task), num_iterations, grad_accum, get_dist_info()[3])
+    train_iter = batches(w.train_task, w.meta.get("data_state"))
+    loop = TrainLoop(config, w.phase, w.ckpt_dir, w.model, w.optimizers, w.tokenizer, w.device, w.start_step, w.meta,
+                     num_iterations, grad_accum)
+    summary = loop.run(next_batch=lambda: next(train_iter),
+                       evaluate=lambda: evaluate_bpb(w.model, batches(w.val_task, None), c.eval_steps, w.token_bytes))
+    return {**summary, "source": f"{c.source_phase} {c.source_dir} step {c.source_step}", "num_conversations": len(w.train_task)}
+
+
+def report_training(summary, args, settings):
+    """A training phase's report section: the named settings, the results, the loss and val bpb curves."""
+    summary = dict(summary)
+    curves = summary.pop("curves", {})
+    return {
+        "settings": {k: getattr(args, k) for k in settings},
+        "results": {k: v for k, v in summary.items() if k != "checkpoint_dir"},
+        "curves": {"loss": {**curves.get("loss", {}), "ylabel": "train loss"},
+                   "val_bpb": {**curves.get("val_bpb", {}), "ylabel": "validation bits/byte"}},
+        "wall_seconds": summary.get("wall_seconds"),
+        "gpu_hours": summary.get("wall_seconds", 0) / 3600 * args.num_workers if args.device == "cuda" else 0,
+    }
