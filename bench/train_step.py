@@ -36,11 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare 
 from bench.common import emit  # noqa: E402
 import torch  # noqa: E402
 
-from nanochat.common import autodetect_device_type  # noqa: E402
+from nanochat.common import autodetect_device_type, gpu_specs  # noqa: E402
 from nanochat.gpt import GPTConfig, create_model  # noqa: E402
 
-# dense bf16 tensor-core peaks (no sparsity), by a substring of the GPU's name
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 def machine(device):
@@ -93,8 +91,7 @@ class Runner:
         tokens_per_s = args.grad_accum * args.batch * args.seq_len / dt
         result = {"step_ms": round(dt * 1000, 2), "step_ms_min": round(min(self.times) * 1000, 2),
                   "tokens_per_s": round(tokens_per_s, 1), "warmup_s": round(warmup_s, 2), "loss": round(self.loss, 4)}
-        peak = args.peak_flops or next((v for k, v in PEAK_BF16_FLOPS.items() if self.device.type == "cuda"
-                                        and k in torch.cuda.get_device_name(self.device)), None)
+        peak = args.peak_flops or (gpu_specs(torch.cuda.get_device_name(self.device))[0] if self.device.type == "cuda" else None)
         if peak:
             result["mfu"] = round(self.model.estimate_flops() * tokens_per_s / peak, 4)
         return result

@@ -179,3 +179,17 @@ def autodetect_device_type() -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+# dense bf16 tensor-core peak FLOP/s (no sparsity) and HBM bandwidth in bytes/s, by a substring of the GPU's
+# name: the denominators of MFU and MBU (memory-bandwidth utilization); H100 means the SXM part
+GPU_SPECS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "B200": (2250e12, 8.0e12), "A100": (312e12, 2.0e12),
+             "L40S": (362e12, 0.864e12), "A10G": (125e12, 0.6e12)}
+
+
+def gpu_specs(name: str):
+    """(peak bf16 FLOP/s, HBM bytes/s) of the GPU called `name` (torch.cuda.get_device_name), or (None, None)."""
+    for key, specs in GPU_SPECS.items():
+        if key in name:
+            return specs
+    return None, None

@@ -105,6 +105,29 @@ def tokenize_for_packing(tokenizer, texts, row_len: int, num_threads: int = 1):
     return docs
 
 
+def rank_resume_state(saved, index_key, rank=None, world=None):
+    """This rank's data position from a checkpoint's `data_state`: a list with every rank's position (rank
+    order), or one dict that every rank shares. Each rank r of W takes the units (shard pieces, examples)
+    r, r + W, r + 2W, ...; its state {"epoch": e, index_key: i, ...} says it reached its own i-th unit.
+    - Saved by as many ranks as now: rank r's own state, exactly.
+    - Saved by W' ranks: every old rank's next unit has global index i * W' + r'; all units before the
+      smallest of those were consumed. Each new rank starts at its first unit at or after it (row 0): no
+      unit is skipped, at most a few are seen twice."""
+    if rank is None or world is None:
+        rank, world = get_dist_info()[1], get_dist_info()[3]
+    if saved is None or isinstance(saved, dict):
+        return dict(saved) if saved else None
+    saved = [s for s in saved if s is not None]
+    if not saved:
+        return None
+    if len(saved) == world:
+        return dict(saved[rank])
+    epoch = min(s["epoch"] for s in saved)
+    old_world = len(saved)
+    frontier = min(s[index_key] * old_world + r for r, s in enumerate(saved) if s["epoch"] == epoch)
+    return {"epoch": epoch, index_key: max(0, -(-(frontier - rank) // world))}
+
+
 def rows_to_batch(rows: np.ndarray, device="cpu"):
     """(B, T+1) token rows -> (inputs, targets), int64 (B, T) tensors on `device`."""
     import torch  # here, not at the top: Ray's tokenizer actors import this module for the packer alone,

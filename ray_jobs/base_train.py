@@ -25,32 +25,37 @@ parser.add_argument("--depth", type=int, default=20, help="the one dial: width =
 parser.add_argument("--head-dim", type=int, default=128)
 parser.add_argument("--max-seq-len", type=int, default=2048)
 # batch and length
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per worker per micro-step")
+parser.add_argument("--device-batch-size", type=int, default=None,
+                    help="rows per worker per micro-step (default: on GPUs the largest that fits, see ray_jobs/plan.py; 32 on CPU)")
 parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all workers)")
 parser.add_argument("--num-iterations", type=int, default=-1, help="explicit steps; -1: from --target-param-data-ratio")
 parser.add_argument("--target-param-data-ratio", type=float, default=20, help="tokens per parameter (Chinchilla ~20)")
 # evaluation, sampling, data pipeline
 parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per bpb evaluation")
 parser.add_argument("--sample-every", type=int, default=2000)
-parser.add_argument("--data-actors", type=int, default=1, help="tokenizer actors in the Ray Data pipeline")
+parser.add_argument("--data-actors", type=int, default=None,
+                    help="tokenizer actors in all (each worker's pipeline gets its share; default: the plan's, for 1.5x the GPUs' rate)")
 parser.add_argument("--data-actor-cpus", type=float, default=1.0)
+parser.add_argument("--docs-per-piece", type=int, default=None, help="documents per unit of data work and resume (default: 128)")
 # optimization, schedule, eval/save intervals, cluster, --tag/--storage/--resume/--wandb/--seed
 add_training_flags(parser)
 
 # tiny: ~400k tokens in ~5 min on 2 cores (the whole speedrun must fit in 15 min there); small batches
 # learn more per token at this size than big ones
 TINY = dict(depth=4, head_dim=64, max_seq_len=256, device_batch_size=4, total_batch_size=2048, num_iterations=200,
-            eval_every=50, eval_tokens=16384, sample_every=-1, save_every=50, num_workers=2, device="cpu", log_every=10)
+            eval_every=50, eval_tokens=16384, sample_every=-1, save_every=50, num_workers=2, device="cpu", log_every=10,
+            data_actors=2, data_actor_cpus=0.5)
 
 
 # ---- the per-worker training loop ----------------------------------------------------------------
 
 def train_loop(config):
+    import ray
     import torch
-    import ray.train
 
     from nanochat.checkpoint import checkpoint_dir
     from nanochat.common import get_dist_info, setup_logging
+    from nanochat.dataloader import rank_resume_state
     from nanochat.gpt import GPTConfig, create_model
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -73,17 +78,15 @@ def train_loop(config):
 
     num_params = model.num_params()["total"]
     flops_per_token = model.estimate_flops()
-    tokens_per_micro = c.device_batch_size * c.max_seq_len * world
-    if c.total_batch_size % tokens_per_micro:
-        raise ValueError(f"--total-batch-size {c.total_batch_size} must be a multiple of device_batch_size * "
-                         f"max_seq_len * workers = {tokens_per_micro}")
-    grad_accum = c.total_batch_size // tokens_per_micro
+    grad_accum = c.total_batch_size // (c.device_batch_size * c.max_seq_len * world)  # divides: checked by the driver
     num_iterations = c.num_iterations if c.num_iterations > 0 else round(c.target_param_data_ratio * num_params / c.total_batch_size)
     if rank == 0:
         log.info("model: %s, %s parameters, %.3g FLOPs/token; %d steps of %d tokens (%d micro-steps x %d workers)",
                  model_config.to_dict(), f"{num_params:,}", flops_per_token, num_iterations, c.total_batch_size, grad_accum, world)
 
-    train_iter = packed_batches(ray.train.get_dataset_shard("train"), c.device_batch_size, c.max_seq_len, device, meta.get("data_state"))
+    resume = rank_resume_state(meta.get("data_state"), "piece")  # this rank's position: the pipeline starts there
+    train_iter = packed_batches(ray.get(c.pieces), c.device_batch_size, c.max_seq_len, c.tokenizer_dir, device, resume,
+                                allow_repeat=c.allow_repeat, num_actors=-(-c.data_actors // world), actor_cpus=c.data_actor_cpus)
     val_steps = max(1, c.eval_tokens // (c.device_batch_size * c.max_seq_len * world))
 
     loop = TrainLoop(config, "base", ckpt_dir, model, optimizers, tokenizer, device, start_step, meta, num_iterations, grad_accum)
@@ -106,29 +109,41 @@ def _log_samples(model, tokenizer, log):
 # ---- the driver --------------------------------------------------------------------------------
 
 def main(args):
-    """Build the data pipeline and the TorchTrainer, run it, return rank 0's summary."""
-    from nanochat.common import get_base_dir
-    from nanochat.tokenizer import get_tokenizer_dir
+    """Plan (memory, data), build the list of data pieces and the TorchTrainer, run it; rank 0's summary."""
+    import ray
+    from nanochat.common import get_base_dir, gpu_specs
+    from nanochat.gpt import GPTConfig
+    from nanochat.tokenizer import get_tokenizer, get_tokenizer_dir
+    from ray_jobs.data import DOCS_PER_PIECE, pretrain_pieces
+    from ray_jobs.plan import check_data, gpu_tokens_per_s, model_size, plan_data, plan_phase
     from ray_jobs.training import build_trainer, fit, init_training_cluster, prepare_run
-    from ray_jobs.data import build_pretrain_dataset, pretrain_data_config
 
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
     args.tag = args.tag or f"d{args.depth}"
+    tokenizer = get_tokenizer()
+    model_config = GPTConfig.from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, head_dim=args.head_dim)
     init_training_cluster(args)
     storage = Path(args.storage or get_base_dir())
+    # the plan, before Ray Train starts: the device batch that fits (or a refusal), whether the shards hold enough
+    args.memory_plan = plan_phase("base_train", args, model_config, args.gpu)
+    num_params, flops_per_token = model_size(model_config)
+    peak = gpu_specs((args.gpu or {}).get("name", ""))[0] or 989e12
+    rate = gpu_tokens_per_s(flops_per_token, args.num_workers, peak) if args.device == "cuda" else 1e5  # CPU: far below an actor
+    data = plan_data(args, model_config, num_params, args.num_workers, tokens_per_s=rate)
+    check_data(data, args.allow_repeat)
+    args.data_actors = args.data_actors or (data.get("data_actors", 1) if args.device == "cuda" else args.num_workers)
     run_dir = prepare_run("base", args.tag, storage, args.resume)
-    config = {k: v for k, v in vars(args).items()}
-    config.update(tokenizer_dir=str(get_tokenizer_dir()), storage=str(storage), run_dir=str(run_dir))
-    train_ds = build_pretrain_dataset(config["tokenizer_dir"], "train", args.max_seq_len, seed=args.seed,
-                                      num_actors=args.data_actors, actor_cpus=args.data_actor_cpus)
-    trainer = build_trainer(train_loop, config, "base", datasets={"train": train_ds}, dataset_config=pretrain_data_config())
-    return fit(trainer, run_dir)
+    pieces = pretrain_pieces(seed=args.seed, docs_per_piece=args.docs_per_piece or DOCS_PER_PIECE)
+    config = dict(vars(args), tokenizer_dir=str(get_tokenizer_dir()), storage=str(storage), run_dir=str(run_dir),
+                  pieces=ray.put(pieces))
+    summary = fit(build_trainer(train_loop, config, "base"), run_dir)
+    return {**summary, "plan": {"memory": args.memory_plan, "data": {k: v for k, v in data.items() if k != "sample"}}}
 
 
 def report_section(summary, args):
     """The report card's base_train section from the run's summary."""
-    return report_training(summary, args, ("depth", "max_seq_len", "device_batch_size", "total_batch_size",
-                                           "num_workers", "device", "matrix_lr", "embedding_lr", "unembedding_lr"))
+    return report_training(summary, args, ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "num_workers",
+                                           "device", "precision", "compile", "data_actors", "matrix_lr", "embedding_lr", "unembedding_lr"))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ parser.add_argument("--num-samples", type=int, default=16, help="completions sam
 parser.add_argument("--max-new-tokens", type=int, default=256)
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--top-k", type=int, default=50, help="0: sample from the whole distribution")
-parser.add_argument("--device-batch-size", type=int, default=8, help="sequences per forward/backward on a worker")
+parser.add_argument("--device-batch-size", type=int, default=None,
+                    help="sequences per forward/backward on a worker (default: on GPUs the largest that fits, see ray_jobs/plan.py; 8 on CPU)")
 # rollout actors
 parser.add_argument("--rollout-actors", type=int, default=2)
 parser.add_argument("--actor-cpus", type=float, default=None, help="CPU share of each actor (default: 0.5 on CPU runs, 1 on GPU)")
@@ -365,7 +366,8 @@ def train_loop(config):
     loop = TrainLoop(config, "rl", w.ckpt_dir, model, w.optimizers, w.tokenizer, device, w.start_step, w.meta,
                      num_steps, 1, metric="pass@k")
     loop.curves.setdefault("reward", {"x": [], "y": []})
-    loop.data_state = loop.data_state or {"example": 0}
+    saved = w.meta.get("data_state")  # RL's position is global (rank 0 picks the prompts): every rank saved the same
+    loop.data_state = dict((saved[0] if isinstance(saved, list) else saved) or {"example": 0})
     # this process's measurements (a resumed run starts them afresh)
     timing = {"generate_s": 0.0, "update_s": 0.0, "sync_s": 0.0, "eval_s": 0.0, "samples": 0}
     pool = None

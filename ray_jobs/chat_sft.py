@@ -33,7 +33,8 @@ parser.add_argument("--identity-file", default=None, help="identity conversation
 parser.add_argument("--val-examples", type=int, default=1000, help="held-out SmolTalk conversations for the validation bpb")
 parser.add_argument("--eval-steps", type=int, default=25, help="validation batches per worker per evaluation")
 # batch
-parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per worker per micro-step")
+parser.add_argument("--device-batch-size", type=int, default=None,
+                    help="conversations per worker per micro-step (default: on GPUs the largest that fits, see ray_jobs/plan.py; 4 on CPU)")
 parser.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step (all workers)")
 parser.add_argument("--num-epochs", type=int, default=1)
 parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1: --num-epochs over the mixture")
@@ -114,9 +115,7 @@ def main(args):
     """Fine-tune the latest mid checkpoint (else base; or --source-*); returns rank 0's summary."""
     from tasks.smoltalk import SmolTalk
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
-    if args.examples_per_step % (args.device_batch_size * args.num_workers):
-        raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of device_batch_size * "
-                         f"workers = {args.device_batch_size * args.num_workers}")
+    # the batch arithmetic (device batch x workers divides --examples-per-step) is the plan's, in train_from_source
     phases = [args.source_phase] if args.source_phase else ["mid", "base"]
     return train_from_source("sft", train_loop, args, phases, lambda: (
         examples_only(train_mixture(args.task_limit, args.smoltalk_examples, args.identity_file)),

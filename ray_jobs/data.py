@@ -1,36 +1,33 @@
-"""Pretraining data on Ray: parquet shards -> tokenized, packed rows -> Ray Train workers.
+"""Pretraining data on Ray: parquet shards -> tokenized, packed rows -> each Ray Train worker.
 
-    driver:  train_ds = build_pretrain_dataset(tokenizer_dir, split="train", seq_len=T)
-             TorchTrainer(loop, datasets={"train": train_ds}, dataset_config=pretrain_data_config(), ...)
-    worker:  shard = ray.train.get_dataset_shard("train")
-             for inputs, targets, state in packed_batches(shard, B, T, device, resume_state): ...
+    driver:  pieces = pretrain_pieces(paths=None, seed=42)           # checks every shard, cuts the work
+    worker:  for inputs, targets, state in packed_batches(pieces, B, T, tokenizer_dir, device, resume_state): ...
              for inputs, targets in val_batches(B, T, tokenizer_dir, device): ...   (take N steps)
 
-The pipeline: `read_parquet(shards).select_columns(["text"])` streams the files (read tasks, never the
-whole set in memory) into a pool of `TokenizeAndPack` actors. Each actor builds its tiktoken encoder
-once; each call takes a batch of `docs_per_batch` documents, encodes them (BOS first, empty documents
-skipped) and packs them best-fit into rows of T+1 tokens (nanochat.dataloader.pack_documents), dropping
-the < T+1 tokens left over. Train splits the rows across workers (`streaming_split(n, equal=True)`):
-disjoint, and equally many rows per worker, so every rank gets the same number of batches.
+A piece is up to `docs_per_piece` consecutive documents of one row group of one shard: the unit of work
+and of resume. The driver lists them once, from the shards' parquet footers (every file checked, so a
+missing or corrupt shard fails there, with its name), in file order or in an order of files shuffled by
+`seed`. Rank r of W takes pieces r, r + W, r + 2W, ... Each worker streams its own pieces through its own
+Ray Data pipeline: `from_items(pieces)` -> `map_batches(TokenizeAndPack)` on a pool of actors, which read a
+piece's documents (one row-group read), encode them (BOS first, empty documents skipped; a long document
+only as far as a row can use, nanochat.dataloader.tokenize_for_packing) and pack them best-fit into rows
+of T+1 tokens (nanochat.dataloader.pack_documents), dropping the < T+1 tokens left over. Every row carries
+its piece's index and its row number in the piece. Pipelines per worker (not one split by Ray Train) make
+each worker's rows a function of the pieces alone, so a worker can start anywhere, on any world size.
 
-Determinism: a batch's rows depend only on its documents; each file is read by one task, so batch
-boundaries depend only on the files; and with `preserve_order` (set on the dataset here and by
-`pretrain_data_config()`) batches are packed and split in file order. So the rows each worker sees
-are a function of (shard files, seed, tokenizer, seq_len, docs_per_batch, worker count); the number
-of actors, CPUs and timing do not change them.
+Determinism: a piece's rows depend only on its documents, the tokenizer and T; with `preserve_order` the
+worker sees its pieces in order. The number of actors, their CPUs and timing change nothing.
 
-Long documents: a document contributes at most T+1 tokens to a row, so only a prefix of a long text
-is encoded (nanochat.dataloader.tokenize_for_packing): on the mirror this halves tokenizing work.
+Resume: packed_batches yields state = {"epoch": e, "piece": i, "row": k}: this worker has consumed all
+its pieces before its i-th, and rows 0 .. k-1 of that one. A resumed pipeline starts at piece i (nothing
+before it is read or tokenized) and drops the first k rows of it: the rows then match an uninterrupted
+run's, and at most one piece per worker (docs_per_piece documents) is tokenized twice. On another world
+size, nanochat.dataloader.rank_resume_state maps the saved positions (approximately: nothing skipped).
 
-Resume: `packed_batches` yields state = {"epoch": e, "rows": r}, the rows this worker has consumed
-in epoch e. Ranks step in lockstep, so the state is the same on every rank: save rank 0's in the
-checkpoint. On resume, the pipeline replays the epoch from its start and each worker drops its first
-r rows: no row seen twice and none skipped, when nothing above changed. (Replaying costs the
-pipeline's time for the skipped rows; with another worker count the split differs and the
-position is only approximate.)
+One pass: a worker that has used all its pieces raises DataError; --allow-repeat starts another epoch of
+the same pieces instead. The planner (ray_jobs/plan.py) checks before training that the shards hold enough.
 
-Shard paths are resolved in the driver: on a multi-node cluster they must be on storage every node
-sees (a shared file system, or the same files on every node).
+Shard paths are resolved in the driver: on a multi-node cluster they must be on storage every node sees.
 """
 import logging
 import random
@@ -41,118 +38,148 @@ import ray
 
 from nanochat.common import get_dist_info, setup_logging
 from nanochat.dataloader import pack_documents, rows_to_batch, tokenize_for_packing, tokenizing_distributed_data_loader
-from nanochat.dataset import list_shard_paths, open_shard
+from nanochat.dataset import DataError, list_shard_paths, open_shard
 from nanochat.tokenizer import Tokenizer
 
 logger = logging.getLogger("nanochat.data")
 
+DOCS_PER_PIECE = 128  # at T=2048 on FineWeb-Edu about 40 rows (~1.5 d20 batches); packing keeps within 1% of 1024
+
+
+def pretrain_pieces(paths=None, split="train", seed=None, docs_per_piece=DOCS_PER_PIECE):
+    """[(path, row_group, first_doc, end_doc), ...]: the split's shards (or `paths`) cut into pieces, in
+    file order, or with the files in an order shuffled by `seed`. Checks every file (DataError naming it)."""
+    paths = [str(p) for p in (paths if paths is not None else list_shard_paths(split))]
+    if not paths:
+        raise DataError("no shard files given")
+    if seed is not None:
+        random.Random(seed).shuffle(paths)
+    pieces = []
+    for path in paths:
+        meta = open_shard(path).metadata
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            pieces += [(path, group, start, min(start + docs_per_piece, rows)) for start in range(0, rows, docs_per_piece)]
+    return pieces
+
 
 class TokenizeAndPack:
-    """Ray Data UDF (one per actor): a batch of documents -> {"tokens": int32 rows (n, row_len)}."""
+    """Ray Data UDF (one per actor): a batch of pieces -> {"tokens": int32 rows (n, row_len), "piece", "row",
+    "docs"}: each row's piece and row number in it, and the documents its piece tokenized (on every row)."""
 
     def __init__(self, tokenizer_dir: str, row_len: int):
         setup_logging()  # actors are fresh processes: without a handler, info logs would vanish
         self.tokenizer = Tokenizer.from_directory(tokenizer_dir)  # builds the tiktoken encoder, once
         self.row_len = row_len
+        self.files = {}  # path -> ParquetFile: the footer is read once per actor
+
+    def texts(self, path, group, start, end):
+        import pyarrow.parquet as pq
+        f = self.files.get(path) or self.files.setdefault(path, pq.ParquetFile(path))
+        column = f.read_row_group(group, columns=["text"]).column("text").slice(start, end - start).to_pylist()
+        return [t for t in column if t]
 
     def __call__(self, batch):
-        column = batch.column("text").to_pylist()
-        texts = [t for t in column if t]
-        if len(texts) < len(column):
-            logger.info("skipped %d empty documents", len(column) - len(texts))
-        # one thread per actor: scale with more actors, not threads the scheduler does not know about
-        docs = tokenize_for_packing(self.tokenizer, texts, self.row_len)
-        return {"tokens": pack_documents(docs, self.row_len)}
+        out = {"tokens": [np.zeros((0, self.row_len), np.int32)], "piece": [], "row": [], "docs": []}
+        for index, path, group, start, end in zip(batch["index"], batch["path"], batch["row_group"], batch["start"], batch["end"]):
+            # one thread per actor: scale with more actors, not threads the scheduler does not know about
+            docs = tokenize_for_packing(self.tokenizer, self.texts(path, int(group), int(start), int(end)), self.row_len)
+            rows = pack_documents(docs, self.row_len)
+            out["tokens"].append(rows)
+            out["piece"].append(np.full(len(rows), index, dtype=np.int64))
+            out["row"].append(np.arange(len(rows), dtype=np.int64))
+            out["docs"].append(np.full(len(rows), len(docs), dtype=np.int64))
+        return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
 
 
-def build_pretrain_dataset(tokenizer_dir, split: str = "train", seq_len: int = 2048, *, shard_paths=None,
-                           seed: int | None = None, docs_per_batch: int = 1024, num_actors: int = 1,
-                           actor_cpus: float = 1.0, read_cpus: float = 0.25,
-                           actor_start_timeout_s: int = 600) -> "ray.data.Dataset":
-    """A Ray Dataset of packed rows {"tokens": int32[seq_len + 1]} from the split's shards (or
-    `shard_paths`), in file order, or in an order shuffled by `seed`. Checks every file up front, so a
-    missing, corrupt or text-less shard fails here with its name instead of deep inside a read task.
-    Size the actor pool so reads keep CPUs: with 2 CPUs, 2 actors at num_cpus=1 starve the reads; if
-    the actors cannot start within actor_start_timeout_s, iterating raises instead of hanging."""
-    paths = [str(p) for p in (shard_paths if shard_paths is not None else list_shard_paths(split))]
-    if not paths:
-        raise ValueError("no shard files given")
-    for path in paths:
-        open_shard(path)
-    if seed is not None:
-        random.Random(seed).shuffle(paths)
-    # Ray 2.60's default parquet reader (datasource V2) lists files by starting 32 footer-reading
-    # actors on every execution (every epoch): ~30 s on a small machine. The V1 reader reads the
-    # footers once, here (and samples two files with Ray tasks to size its reads).
-    ctx = ray.data.DataContext.get_current()
-    use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        # one read task per file: block (hence batch) boundaries depend on the files alone, not on the
-        # parallelism Ray would pick for the cluster at hand
-        ds = ray.data.read_parquet(paths, num_cpus=read_cpus, override_num_blocks=len(paths)).select_columns(["text"])
-    finally:
-        ctx.use_datasource_v2 = use_v2
+def rank_pieces(pieces, rank: int, world: int):
+    """This rank's pieces: r, r + W, r + 2W, ... (disjoint across ranks, every piece used once)."""
+    return pieces[rank::world]
+
+
+def build_rank_dataset(pieces, tokenizer_dir, seq_len: int, first_piece: int = 0, *, num_actors: int = 1,
+                       actor_cpus: float = 1.0, actor_start_timeout_s: int = 600, name="pretrain") -> "ray.data.Dataset":
+    """A Ray Dataset of this rank's packed rows, from its `first_piece`-th piece on, in order. If the actors
+    cannot get their CPUs within actor_start_timeout_s, iterating raises instead of hanging."""
+    items = [{"index": i, "path": p, "row_group": g, "start": s, "end": e} for i, (p, g, s, e) in enumerate(pieces) if i >= first_piece]
+    if not items:
+        raise DataError("no pieces of data left for this worker")
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per piece: streams piece by piece
     ds = ds.map_batches(
         TokenizeAndPack,
         fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "row_len": seq_len + 1},
-        batch_size=docs_per_batch,
-        batch_format="pyarrow",
+        batch_size=1,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=actor_cpus,
     )
     ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False  # one pipeline per worker: their bars would flood the driver's log
     # an actor pool that cannot get its CPUs (e.g. Train workers took them) would wait silently forever:
     # fail with Ray's "Timed out while starting actors" instead
     ds.context.wait_for_min_actors_s = actor_start_timeout_s
-    ds.set_name(f"pretrain_{split}")  # the name shown in the dashboard's Data tab
+    ds.set_name(name)  # the name shown in the dashboard's Data tab
     return ds
 
 
-def pretrain_data_config():
-    """TorchTrainer(dataset_config=...): Train replaces each dataset's execution options with the
-    driver's defaults, which do not preserve order; without order the split is not deterministic."""
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
-    return DataConfig(execution_options=ExecutionOptions(preserve_order=True))
-
-
-def _rebatch(blocks, B: int, skip: int):
-    """Blocks of rows -> arrays of exactly B rows, after dropping the first `skip` rows."""
-    carry = None
-    for rows in blocks:
-        if skip:
-            dropped = min(skip, len(rows))
-            rows, skip = rows[dropped:], skip - dropped
+def _rebatch(blocks, B: int, state: dict, stats: dict):
+    """Blocks of rows (with their piece and row ids) -> arrays of exactly B rows, skipping rows before
+    `state`'s position and advancing it past each row handed out. stats["docs_tokenized"] counts the
+    documents of the pieces received (one piece per block)."""
+    carry, carry_pos = None, None
+    for block in blocks:
+        rows, pieces, row_ids = block["tokens"], block["piece"], block["row"]
+        stats["docs_tokenized"] += int(block["docs"][0]) if len(rows) else 0
+        keep = (pieces > state["piece"]) | ((pieces == state["piece"]) & (row_ids >= state["row"]))
+        rows, pieces, row_ids = rows[keep], pieces[keep], row_ids[keep]
         if carry is not None and len(carry):
             rows = np.concatenate([carry, rows])
+            pieces, row_ids = np.concatenate([carry_pos[0], pieces]), np.concatenate([carry_pos[1], row_ids])
         full = len(rows) // B * B
         for i in range(0, full, B):
+            state["piece"], state["row"] = int(pieces[i + B - 1]), int(row_ids[i + B - 1]) + 1
             yield rows[i:i + B]
-        carry = rows[full:]
+        carry, carry_pos = rows[full:], (pieces[full:], row_ids[full:])
 
 
-def packed_batches(shard, B: int, T: int, device="cpu", resume_state=None, log_every: int = 100):
-    """Yield (inputs, targets, state) forever, epoch after epoch: (B, T) int64 tensors on `device`
-    from this worker's dataset shard (a Ray DataIterator of build_pretrain_dataset rows). Pass a saved
-    `state` back as `resume_state` to continue where it was taken."""
-    rank = get_dist_info()[1]
-    state = dict(resume_state or {"epoch": 0, "rows": 0})
+def packed_batches(pieces, B: int, T: int, tokenizer_dir, device="cpu", resume_state=None, *, allow_repeat=False,
+                   num_actors=1, actor_cpus=1.0, log_every: int = 100, stats=None, rank=None, world=None):
+    """Yield (inputs, targets, state) forever: (B, T) int64 tensors on `device` from this worker's pieces
+    (rank and world size default to torch.distributed's or the torchrun environment's). Pass a saved
+    `state` back as `resume_state` to continue where it was taken. At the end of the pieces: DataError, or
+    with allow_repeat the next epoch. `stats` (a dict), if given, is kept up to date: "first_piece" the
+    pipeline started at, "docs_tokenized" by the pieces received, "docs_before_first_batch" of those."""
+    if rank is None or world is None:
+        rank, world = get_dist_info()[1], get_dist_info()[3]
+    mine = rank_pieces(pieces, rank, world)
+    if not mine:
+        raise DataError(f"{len(pieces)} pieces of data cannot be shared by {world} workers")
+    state = {"epoch": 0, "piece": 0, "row": 0, **(resume_state or {})}
+    stats = {} if stats is None else stats
+    stats.update(docs_tokenized=0, first_piece=state["piece"], pieces_total=len(mine))
     while True:
-        blocks = (b["tokens"] for b in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
-        t0, n0 = time.time(), state["rows"]
-        for rows in _rebatch(blocks, B, skip=state["rows"]):
+        ds = build_rank_dataset(mine, tokenizer_dir, T, state["piece"], num_actors=num_actors, actor_cpus=actor_cpus,
+                                name=f"pretrain_rank{rank}_epoch{state['epoch']}")
+        t0, n = time.time(), 0
+        blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        for rows in _rebatch(blocks, B, state, stats):
+            stats.setdefault("docs_before_first_batch", stats["docs_tokenized"])
             if rows.shape[1] != T + 1:
                 raise ValueError(f"dataset rows have {rows.shape[1]} tokens, expected T+1 = {T + 1}: seq_len differs")
-            state["rows"] += B
             inputs, targets = rows_to_batch(rows, device)
             yield inputs, targets, dict(state)
-            if (state["rows"] - n0) % (log_every * B) == 0:
-                rate = (state["rows"] - n0) * T / (time.time() - t0)
-                logger.info("rank %d: epoch %d, %d rows, %.0f tokens/s", rank, state["epoch"], state["rows"], rate)
-        if state["rows"] < B:
-            raise RuntimeError(f"the dataset shard of rank {rank} has fewer than B={B} rows: nothing to train on")
-        state = {"epoch": state["epoch"] + 1, "rows": 0}
-        logger.info("rank %d: starting data epoch %d", rank, state["epoch"])
+            n += 1
+            if n % log_every == 0:
+                logger.info("rank %d: epoch %d, piece %d/%d, %.0f tokens/s", rank, state["epoch"], state["piece"], len(mine),
+                            n * B * T / (time.time() - t0))
+        if n == 0:
+            raise DataError(f"rank {rank}'s {len(mine)} pieces of pretraining data hold fewer than B={B} rows from its "
+                            "position on: nothing to train on")
+        if not allow_repeat:
+            raise DataError(f"rank {rank} has used all its {len(mine)} pieces of pretraining data (one pass): download more "
+                            "shards, train fewer steps, or pass --allow-repeat to start a second pass")
+        state = {"epoch": state["epoch"] + 1, "piece": 0, "row": 0}
+        logger.info("rank %d: starting data epoch %d (--allow-repeat)", rank, state["epoch"])
 
 
 def val_batches(B: int, T: int, tokenizer_dir, device="cpu"):

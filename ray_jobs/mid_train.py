@@ -33,7 +33,8 @@ parser.add_argument("--identity-file", default=None, help="identity conversation
 parser.add_argument("--val-examples", type=int, default=5000, help="held-out conversations for the validation bpb")
 parser.add_argument("--eval-steps", type=int, default=4, help="validation batches per worker per evaluation")
 # batch and length (the sequence length is the base model's)
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per worker per micro-step")
+parser.add_argument("--device-batch-size", type=int, default=None,
+                    help="rows per worker per micro-step (default: on GPUs the largest that fits, see ray_jobs/plan.py; 32 on CPU)")
 parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all workers)")
 parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1: one pass over the mixture")
 add_training_flags(parser, eval_every=150, save_every=-1)
@@ -125,14 +126,9 @@ def train_loop(config):
 def main(args):
     """Midtrain the latest (or --source-tag/--source-step) base checkpoint; returns rank 0's summary."""
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
-
-    def check(model_config):
-        tokens_per_micro = args.device_batch_size * model_config["sequence_len"] * args.num_workers
-        if args.total_batch_size % tokens_per_micro:
-            raise ValueError(f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size * "
-                             f"sequence_len * workers = {tokens_per_micro}")
+    # the batch arithmetic (device batch x T x workers divides --total-batch-size) is the plan's, in train_from_source
     return train_from_source("mid", train_loop, args, ["base"], lambda: (
-        examples_only(train_mixture(args.task_limit, args.identity_file)), examples_only(val_mixture(args.val_examples))), check)
+        examples_only(train_mixture(args.task_limit, args.identity_file)), examples_only(val_mixture(args.val_examples))))
 
 
 def report_section(summary, args):

@@ -42,10 +42,11 @@ PRESETS = {
                   chat_eval=["--preset", "tiny", "--max-problems", "4", "--max-new-tokens", "16"],
                   chat_rl=["--preset", "tiny"]),
 }
-for _name, _depth, _batch in (("d20", 20, 32), ("d26", 26, 16), ("d32", 32, 8)):
-    PRESETS[_name] = dict(num_shards={20: 240, 26: 450, 32: 800}[_depth], tok_max_chars=2_000_000_000, vocab_size=65536,
-                          base_train=["--depth", str(_depth), "--device-batch-size", str(_batch)], base_eval=[],
-                          mid_train=["--device-batch-size", str(_batch)], chat_sft=[], chat_eval=[], chat_rl=[])
+# GPU presets: the device batches are the plan's (the largest that fits each phase), the shards too (what the
+# tokens need after packing waste, measured on a downloaded shard, + 5%): ray_jobs/plan.py
+for _name, _depth in (("d20", 20), ("d26", 26), ("d32", 32)):
+    PRESETS[_name] = dict(num_shards=None, tok_max_chars=2_000_000_000, vocab_size=65536,
+                          base_train=["--depth", str(_depth)], base_eval=[], mid_train=[], chat_sft=[], chat_eval=[], chat_rl=[])
 
 
 def pick_preset(requested, resources):
@@ -60,10 +61,25 @@ def pick_preset(requested, resources):
     raise SystemExit(f"this cluster has {gpus:g} GPUs but not 8 per node: pick a scale with --preset (tiny, d20, d26, d32)")
 
 
-def phase_download(num_shards):
+def phase_download(num_shards, plan=None):
+    """The training shards and the validation shard. num_shards None (GPU presets): as many as the plan's data
+    section says the run needs, measured on a first shard downloaded for that."""
     from nanochat.dataset import download_shards
+    if num_shards is None:
+        download_shards(1, progress=False)
+        num_shards = plan_shards(plan)
     paths = download_shards(num_shards, progress=False)
-    return {"results": {"shards": len(paths), "directory": str(paths[0].parent)}}
+    return {"results": {"shards": len(paths) - 1, "directory": str(paths[0].parent)}}
+
+
+def plan_shards(plan):
+    """Shards the plan's pretraining needs, re-measured now that a shard is here (the plan may have been
+    made before any was)."""
+    from ray_jobs.plan import phase_settings, model_config, plan_data
+    args = phase_settings("base_train", PRESETS[plan["preset"]]["base_train"])
+    data = plan_data(args, model_config(args, plan["model"]["vocab_size"]), plan["num_params"], plan["world_size"],
+                     plan["phases"]["base_train"]["data"].get("gpu_tokens_per_s", 1e5))
+    return data["shards_needed"]
 
 
 def phase_tok_train(max_chars, vocab_size):
@@ -79,6 +95,24 @@ def phase_tok_eval():
     table = tok_eval.markdown_table(result["bytes_per_token"], [n for n in names if n in result["bytes_per_token"]["english"]])
     return {"results": {f"bytes_per_token_{k}": v["ours"] for k, v in result["bytes_per_token"].items()},
             "table": table + "".join(f"\n\n{k}: {v}" for k, v in result["unavailable"].items())}
+
+
+def make_plan(preset_name, resources):
+    """The run's plan (ray_jobs/plan.py) for this cluster: its GPUs per node and node count, its GPU's memory."""
+    import ray
+    from ray_jobs.plan import plan_run
+    if preset_name in ("tiny", "smoke"):
+        return plan_run(preset_name)
+    from ray_jobs.training import cluster_gpu
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+    gpu = cluster_gpu()
+    return plan_run(preset_name, gpu_memory_gb=gpu["memory_bytes"] / 2**30 + 1.0, gpus_per_node=int(nodes[0]["Resources"]["GPU"]),
+                    nodes=len(nodes))
+
+
+def plan_markdown(plan):
+    from ray_jobs.plan import markdown
+    return markdown(plan)
 
 
 def run_script_phase(phases, name, module, flags, resumable=False):
@@ -114,6 +148,9 @@ def main(args):
             marker.unlink()
         report.reset()
     log.info("speedrun %r, preset %s, base dir %s", args.run, preset_name, get_base_dir())
+    plan = make_plan(preset_name, resources)  # before anything runs: a plan that cannot fit stops here
+    report.log("plan", {"table": plan_markdown(plan)})
+    log.info("plan:\n%s", plan_markdown(plan))
 
     def phase(name, fn, *fn_args, **task_options):
         return phases.run(name, run_task, fn, *fn_args, name=name, **task_options)[0]
@@ -121,7 +158,7 @@ def main(args):
     def script_phase(name, module, flags, resumable=False):
         return run_script_phase(phases, name, module, flags, resumable)
 
-    phase("download", phase_download, preset.num_shards)
+    phase("download", phase_download, preset.num_shards, plan)
     phase("tok_train", phase_tok_train, preset.tok_max_chars, preset.vocab_size)
     phase("tok_eval", phase_tok_eval)
     from ray_jobs import base_eval, base_train, chat_eval, chat_sft, mid_train

@@ -39,6 +39,13 @@ def add_training_flags(parser, **defaults):
     add("--eval-every", type=int, default=d["eval_every"], help="steps between validation evaluations (-1: never)")
     add("--save-every", type=int, default=d["save_every"], help="checkpoint interval in steps (-1: only at the end)")
     add("--log-every", type=int, default=d["log_every"])
+    add("--keep-checkpoints", type=int, default=2, help="periodic checkpoints kept (the newest K) besides the final one")
+    # precision, compilation, data
+    add("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
+        help="matmul precision (default: $NANOCHAT_PRECISION, else auto: bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the model for training (default: on GPUs, off on CPU)")
+    add("--allow-repeat", action="store_true", help="let training start a second pass over its data (else that is an error)")
     # cluster
     add("--num-workers", type=int, default=d["num_workers"])
     add("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: GPUs if the cluster has them")
@@ -111,13 +118,27 @@ def prepare_run(phase, tag, storage, resume):
 
 
 def init_training_cluster(args):
-    """Connect to (or start) Ray, then settle --device auto and --cpus-per-worker from its resources."""
+    """Connect to (or start) Ray, then settle --device auto and --cpus-per-worker from its resources, and
+    learn the cluster's GPU (args.gpu: {"name", "memory_bytes", "bf16"}, None on CPU runs) for the plan."""
     resources = init_ray()
     if args.device == "auto":
         args.device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
     if args.cpus_per_worker is None:
         args.cpus_per_worker = 8 if args.device == "cuda" else 1
+    args.gpu = cluster_gpu() if args.device == "cuda" else None
     return resources
+
+
+def _gpu_properties():
+    import torch
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_bytes": props.total_memory, "bf16": torch.cuda.is_bf16_supported()}
+
+
+def cluster_gpu():
+    """The GPU a Ray task gets on this cluster (before the training run takes them all)."""
+    from ray_jobs.common import run_task
+    return run_task(_gpu_properties, num_cpus=0, num_gpus=1, name="gpu_properties")
 
 
 def build_trainer(train_loop, config, phase, datasets=None, dataset_config=None):
@@ -190,12 +211,14 @@ def resume_or_init(ckpt_dir, device, c, tokenizer, init, expect_config=None):
     workers), else init() gives the model (a new one, or the previous phase's weights) with fresh
     optimizers at step 0 and meta {}."""
     from nanochat.checkpoint import build_model, find_last_step, load_optimizers
+    from nanochat.precision import resolve_precision
+    precision = resolve_precision(c.precision, device.type)
     start_step = find_last_step(ckpt_dir)
     if start_step is None:
-        model = init()
+        model = init().set_precision(precision)
         return model, setup_optimizers(model, c), 0, {}
     model, meta = build_model(ckpt_dir, start_step, device, phase="train", expect_config=expect_config,
-                              expect_tokenizer=tokenizer.fingerprint())
+                              expect_tokenizer=tokenizer.fingerprint(), precision=precision)
     optimizers = setup_optimizers(model, c)
     load_optimizers(optimizers, ckpt_dir, start_step)
     logger.info("rank %d: resumed from %s step %d (saved by %s workers, now %d)", get_dist_info()[1], ckpt_dir,
@@ -224,27 +247,30 @@ def _peak_flops(device):
     if device.type != "cuda":
         return None
     import torch
-    name = torch.cuda.get_device_name(device)
-    for key, flops in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}.items():
-        if key in name:
-            return flops
-    return None
+    from nanochat.common import gpu_specs
+    return gpu_specs(torch.cuda.get_device_name(device))[0]
 
 
-def optimizer_step(model, optimizers, next_batch, grad_accum, lr_mult, momentum):
-    """One optimizer step: grad_accum forward/backwards on next_batch() -> (inputs, targets), then every
-    optimizer at its initial LR x lr_mult (Muon groups also at this momentum). Returns the summed loss
-    and the count of trained tokens as tensors on the model's device (no host sync here)."""
+def optimizer_step(model, optimizers, next_batch, grad_accum, lr_mult, momentum, forward=None, scaler=None):
+    """One optimizer step: grad_accum forward/backwards on next_batch() -> (inputs, targets), through
+    `forward` (default: the model; e.g. its torch.compile'd wrapper), then every optimizer at its initial
+    LR x lr_mult (Muon groups also at this momentum). With an fp16 LossScaler, backward runs on the scaled
+    loss and a step whose gradients overflowed is skipped. Returns the summed loss and the count of trained
+    tokens as tensors on the model's device (no host sync here, but for fp16's overflow check)."""
     import torch
+    forward = forward or model
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device)
     for _ in range(grad_accum):
         inputs, targets = next_batch()
-        loss = model(inputs, targets) / grad_accum
-        loss.backward()
+        loss = forward(inputs, targets) / grad_accum
+        (scaler.scale_loss(loss) if scaler else loss).backward()
         loss_sum += loss.detach()
         tokens += (targets >= 0).sum()
+    if scaler is not None and not scaler.unscale(model.parameters()):
+        model.zero_grad(set_to_none=True)  # overflow: skip this step on every rank, with a smaller scale
+        return loss_sum, tokens
     step_optimizers(model, optimizers, lr_mult, momentum)
     return loss_sum, tokens
 
@@ -259,6 +285,33 @@ def step_optimizers(model, optimizers, lr_mult, momentum=None):
                 group["momentum"] = momentum
         opt.step()
     model.zero_grad(set_to_none=True)
+
+
+def compiled(model, c, device):
+    """The forward the loop trains through: torch.compile'd (static shapes) when --compile, which defaults
+    to on for GPUs; the plain model otherwise. Evaluation and sampling use the plain model (other shapes)."""
+    import torch
+    use = c.compile if c.compile is not None else device.type == "cuda"
+    return torch.compile(model, dynamic=False) if use else model
+
+
+def prune_checkpoints(ckpt_dir, keep):
+    """Delete all but the newest `keep` complete checkpoints in ckpt_dir (and incomplete ones older than the
+    newest complete one: leftovers of a crash). meta.json goes first, so a reader never takes a checkpoint
+    being deleted for a complete one."""
+    import re
+    import shutil
+    from nanochat.checkpoint import META
+    steps = sorted((int(m.group(1)), d) for d in Path(ckpt_dir).glob("step_*") if (m := re.fullmatch(r"step_(\d+)", d.name)))
+    complete = [s for s in steps if (s[1] / META).is_file()]
+    if not complete:
+        return
+    newest_kept = {s for s, _ in complete[-keep:]} if keep > 0 else set()
+    for step, d in steps:
+        if step in newest_kept or step > complete[-1][0]:  # keep, or still being written
+            continue
+        (d / META).unlink(missing_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class TrainLoop:
@@ -277,7 +330,13 @@ class TrainLoop:
         self.rank, self.world = get_dist_info()[1], get_dist_info()[3]
         self.stop_file = Path(self.c.run_dir) / STOP_FILE
         state = meta.get("loop_state", {})
-        self.data_state = meta.get("data_state")
+        self.data_state = None  # this rank's data position, from next_batch(); every rank's goes in checkpoints
+        self.forward = compiled(model, self.c, device)
+        from nanochat.precision import LossScaler, resolve_precision
+        self.scaler = LossScaler(resolve_precision(self.c.precision, device.type) == "fp16")
+        if "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
+        self.timed_tokens = state.get("timed_tokens", 0)  # tokens of the steps train_seconds counts
         self.curves = state.get("curves", {"loss": {"x": [], "y": []}, metric: {"x": [], "y": []}})
         self.smooth_loss = state.get("smooth_loss", 0.0)
         self.train_seconds = state.get("train_seconds", 0.0)
@@ -294,11 +353,19 @@ class TrainLoop:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             return False
         loop_state = {"curves": self.curves, "smooth_loss": self.smooth_loss, "train_seconds": self.train_seconds,
-                      "tokens_trained": self.tokens_trained, self.metric: self.value, "starts": self.starts}
-        meta = {"phase": self.phase, "data_state": self.data_state, "num_iterations": self.num_iterations,
+                      "tokens_trained": self.tokens_trained, self.metric: self.value, "starts": self.starts,
+                      "timed_tokens": self.timed_tokens, "loss_scaler": self.scaler.state_dict()}
+        data_states = [self.data_state]
+        if self.world > 1:  # every rank's position (they differ: each reads its own share)
+            import torch.distributed as dist
+            data_states = [None] * self.world
+            dist.all_gather_object(data_states, self.data_state)
+        meta = {"phase": self.phase, "data_state": data_states, "num_iterations": self.num_iterations,
                 self.metric: self.value, "loop_state": loop_state,
                 "settings": {k: v for k, v in self.config.items() if isinstance(v, (str, int, float, bool, type(None)))}}
         save_checkpoint(self.ckpt_dir, step, self.model, self.optimizers, meta, tokenizer_fingerprint=self.tokenizer.fingerprint())
+        if self.rank == 0 and self.c.keep_checkpoints >= 0:  # the final one is kept besides the K newest periodic ones
+            prune_checkpoints(self.ckpt_dir, self.c.keep_checkpoints + (reason == "end"))
         ray.train.report({"step": step, self.metric: self.value, "loss": self.smooth_loss, "reason": reason})
         if self.rank == 0:
             logger.info("checkpoint step %d saved (%s)", step, reason)
@@ -344,7 +411,8 @@ class TrainLoop:
                 inputs, targets, self.data_state = next_batch()
                 return inputs, targets
             lr_mult = lr_multiplier(step, num_iterations, c.warmup_ratio, c.warmdown_ratio, c.final_lr_frac)
-            loss_sum, tokens = optimizer_step(model, self.optimizers, next_batch_keeping_state, self.grad_accum, lr_mult, muon_momentum(step))
+            loss_sum, tokens = optimizer_step(model, self.optimizers, next_batch_keeping_state, self.grad_accum, lr_mult,
+                                              muon_momentum(step), forward=self.forward, scaler=self.scaler)
             # one small collective per step: the loss, the tokens trained on, whether the driver asked us to stop
             stop_local = float(self.rank == 0 and self.stop_file.exists())
             flags = torch.stack([loss_sum.float(), tokens.float(), torch.tensor(stop_local, device=device)])
@@ -359,8 +427,9 @@ class TrainLoop:
                     logger.error(message)
                 status = f"error: {message}"
                 break
-            if step > start_step + 1:  # the first step after (re)start includes warm-up costs
+            if step > start_step + 1:  # the first step after (re)start includes warm-up (and compile) costs
                 self.train_seconds += dt
+                self.timed_tokens += step_tokens
             self.tokens_trained += step_tokens
             self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * step_loss  # EMA from 0, debiased below
             debiased = self.smooth_loss / (1 - 0.9 ** step)
@@ -379,8 +448,12 @@ class TrainLoop:
         if wandb_run is not None:
             wandb_run.finish()
         final_loss = self.smooth_loss / (1 - 0.9 ** step) if step else 0.0
+        # steady-state throughput: the steps after each (re)start's first, whose time includes warm-up and compiling
+        tokens_per_s = self.timed_tokens / self.train_seconds if self.train_seconds else None
+        mfu = flops_per_token * tokens_per_s / (peak_flops * self.world) if peak_flops and tokens_per_s else None
         return {"status": status, "step": step, "num_iterations": num_iterations, self.metric: self.value,
                 "final_loss": final_loss, "train_seconds": self.train_seconds, "tokens_trained": self.tokens_trained,
+                "tokens_per_s": tokens_per_s, "mfu": mfu, "loss_scale_skipped_steps": self.scaler.skipped,
                 "starts": self.starts, "curves": self.curves, "checkpoint_dir": str(self.ckpt_dir)}
 
 
@@ -397,24 +470,31 @@ def _wandb_log(run, data, step):
 
 # ---- phases that continue an earlier phase's checkpoint on conversations (mid, sft) ---------------------
 
+PLAN_NAMES = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}  # checkpoint phase -> script
+
+
 def train_from_source(phase, train_loop, args, source_phases, build_data, check=None):
-    """Driver of mid/sft: find the source checkpoint (the first of source_phases that has one, or
-    --source-tag/--source-step), let check(its model config) refuse bad settings, build the (train,
-    validation) tasks with build_data() here, so that a malformed row fails in the driver with its file
-    and line rather than deep in a worker, ship them to the workers through the object store, run the
-    TorchTrainer. Returns rank 0's summary."""
+    """Driver of mid/sft/rl: find the source checkpoint (the first of source_phases that has one, or
+    --source-tag/--source-step), make the phase's plan (the device batch that fits, the batch arithmetic),
+    let check(its model config) refuse bad settings, build the (train, validation) tasks with build_data()
+    here, so that a malformed row fails in the driver with its file and line rather than deep in a worker,
+    ship them to the workers through the object store, run the TorchTrainer. Returns rank 0's summary."""
     import ray
     from nanochat.checkpoint import load_meta
+    from nanochat.gpt import GPTConfig
     from nanochat.tokenizer import get_tokenizer_dir
+    from ray_jobs.plan import plan_phase
     storage = args.storage or str(get_base_dir())
     source_phase, source_tag, source_step, source_dir = find_source(source_phases, args.source_tag, args.source_step, storage)
     args.source_phase, args.tag = source_phase, args.tag or source_tag
+    model_config = load_meta(source_dir, source_step)["model_config"]
+    init_training_cluster(args)
+    args.memory_plan = plan_phase(PLAN_NAMES[phase], args, GPTConfig(**model_config), args.gpu)
     if check is not None:
-        check(load_meta(source_dir, source_step)["model_config"])
+        check(model_config)
     train_task, val_task = build_data()
     logger.info("%s: %d training conversations, %d held out; from %s step %d", phase, len(train_task), len(val_task),
                 source_dir, source_step)
-    init_training_cluster(args)
     run_dir = prepare_run(phase, args.tag, storage, args.resume)
     config = dict(vars(args), tokenizer_dir=str(get_tokenizer_dir()), storage=storage, run_dir=str(run_dir),
                   source_dir=str(source_dir), source_step=source_step, data=ray.put((train_task, val_task)))
@@ -463,7 +543,8 @@ def run_source_loop(w, config, num_iterations, grad_accum, batches):
     if get_dist_info()[1] == 0:
         logger.info("%s from %s step %d: %d conversations, %d steps (%d micro-steps x %d workers)", w.phase, c.source_dir,
                     c.source_step, len(w.train_task), num_iterations, grad_accum, get_dist_info()[3])
-    train_iter = batches(w.train_task, w.meta.get("data_state"))
+    from nanochat.dataloader import rank_resume_state
+    train_iter = batches(w.train_task, rank_resume_state(w.meta.get("data_state"), "example"))
     loop = TrainLoop(config, w.phase, w.ckpt_dir, w.model, w.optimizers, w.tokenizer, w.device, w.start_step, w.meta,
                      num_iterations, grad_accum)
     summary = loop.run(next_batch=lambda: next(train_iter),

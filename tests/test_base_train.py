@@ -36,15 +36,17 @@ def run(flags):
 
 
 def test_tiny_run_trains_and_checkpoints(base_setup, tmp_path):
-    summary = run(["--num-iterations", "30", "--eval-every", "15", "--save-every", "15", "--tag", "t1"])
+    summary = run(["--num-iterations", "30", "--eval-every", "15", "--save-every", "5", "--keep-checkpoints", "2", "--tag", "t1"])
     assert summary["status"] == "finished" and summary["step"] == 30
     losses = summary["curves"]["loss"]["y"]
     assert losses[-1] < losses[0] - 0.5, losses  # it learns
     assert len(summary["curves"]["val_bpb"]["y"]) == 3 and summary["val_bpb"] < summary["curves"]["val_bpb"]["y"][0]
     ckpt = checkpoint_dir("base", "t1")
-    assert find_last_step(ckpt) == 30 and (ckpt / "step_000015" / "meta.json").is_file()
+    assert find_last_step(ckpt) == 30
+    assert sorted(d.name for d in ckpt.iterdir()) == ["step_000020", "step_000025", "step_000030"]  # 2 periodic + the final
     model, meta = build_model(ckpt, 30, "cpu", expect_tokenizer=base_setup.fingerprint())
-    assert meta["step"] == 30 and meta["data_state"]["rows"] > 0
+    assert meta["step"] == 30 and len(meta["data_state"]) == 2  # every rank's own data position
+    assert all(s["epoch"] == 0 and s["piece"] >= 0 and s["row"] > 0 for s in meta["data_state"])
     logits = model(torch.tensor([base_setup.encode("hello world", prepend="<|bos|>")]))
     assert torch.isfinite(logits).all()
 
