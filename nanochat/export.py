@@ -46,7 +46,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -212,7 +211,7 @@ def tokenizer_from_hf(directory) -> Tokenizer:
     exactly what hf_tokenizer_json writes for the vocabulary it holds."""
     path = Path(directory) / TOKENIZER
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         table = {c: b for b, c in byte_to_char().items()}
         ranks = {bytes(table[c] for c in token): rank for token, rank in data["model"]["vocab"].items()}
         pattern = next(p["pattern"]["Regex"] for p in data["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
@@ -268,7 +267,9 @@ def export(state, config: GPTConfig, tokenizer: Tokenizer, out_dir, provenance=N
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"--out {out_dir} exists and is not an empty directory: pick another or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"  # beside --out: the final rename stays on one disk
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this pid
+    tmp.mkdir()
     try:
         save_file(to_hf_state(state, config), tmp / WEIGHTS, metadata={"format": "pt"})
         sp = tokenizer.special_ids
@@ -284,7 +285,7 @@ def export(state, config: GPTConfig, tokenizer: Tokenizer, out_dir, provenance=N
             PROVENANCE: {"format_version": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint(), **(provenance or {})},
         }
         for name, data in files.items():
-            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False))
+            (tmp / name).write_text(json.dumps(data, indent=2))  # ASCII (\u escapes): any reader's encoding
         (tmp / "chat_template.jinja").write_text(chat_template())
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above): the rename below takes its place
@@ -306,7 +307,7 @@ def export_checkpoint(spec, out_dir, base_dir=None, tokenizer_dir=None):
                           f"{tokenizer_dir or 'the base dir tokenizer'} is {tokenizer.fingerprint()}: pass --tokenizer-dir")
     root = Path(base_dir or get_base_dir()) / "checkpoints"
     source = ckpt_dir.relative_to(root) if ckpt_dir.is_relative_to(root) else Path(ckpt_dir.name)
-    provenance = {"checkpoint": str(source), "step": step, "phase": meta.get("phase", source.parts[0])}
+    provenance = {"checkpoint": str(source), "step": step, "phase": meta.get("phase")}
     return export(state, GPTConfig(**meta["model_config"]), tokenizer, out_dir, provenance)
 
 
@@ -322,7 +323,7 @@ def load_exported(directory, device="cpu"):
     from safetensors.torch import load_file
     directory = Path(directory)
     try:
-        cfg = json.loads((directory / CONFIG).read_text())
+        cfg = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG} is not readable JSON ({e})") from None
     for key, want in required_config(cfg):
@@ -370,7 +371,7 @@ def load_exported(directory, device="cpu"):
     model.eval()
     provenance = {}
     if (directory / PROVENANCE).is_file():
-        provenance = json.loads((directory / PROVENANCE).read_text())
+        provenance = json.loads((directory / PROVENANCE).read_text(encoding="utf-8"))
     meta = {**provenance, "step": provenance.get("step", 0), "model_config": config.to_dict(),
             "tokenizer": tokenizer.fingerprint(), "exported": str(directory)}
     return model, tokenizer, meta

@@ -230,7 +230,7 @@ def refused_checkpoint(base, tok, change):
      "MLP width 192 (3 x n_embd) in transformer.h.1.mlp.c_fc.weight: our GPT and this export compute only 4 x n_embd = 256"),
     (lambda block: setattr(block.attn, "c_q", nn.Linear(64, 64, bias=True)),
      "tensor 'transformer.h.1.attn.c_q.bias' has no place in transformers' NanoChat format"),
-])
+], ids=["norm weight", "mlp ratio", "bias"])
 def test_inexpressible_checkpoint_is_refused_in_one_line(trained, tok, change, message, tmp_path, capsys):
     base = tmp_path / "base"
     shutil.copytree(trained[1] / "tokenizer", base / "tokenizer")
