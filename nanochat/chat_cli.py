@@ -2,6 +2,7 @@
 
     python -m nanochat.chat_cli                                   # latest chat checkpoint: sft, else mid, else rl
     python -m nanochat.chat_cli --source sft --tag d20 --step 500
+    python -m nanochat.chat_cli --checkpoint sft/d20              # or a step dir, or a dir written by nanochat.export
     python -m nanochat.chat_cli --prompt "Why is the sky blue?"   # one answer, then exit
 
 Type `clear` to start a new conversation, `quit` (or Ctrl-D) to leave. The conversation is kept as the
@@ -15,17 +16,17 @@ import sys
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, find_latest_tag, load_model
+from nanochat.checkpoint import CHAT_PHASES, CheckpointError, checkpoint_dir, find_latest_tag, load_for_inference, step_dir
 from nanochat.common import autodetect_device_type, get_base_dir
 from nanochat.engine import Engine, TextStream
-from nanochat.tokenizer import get_tokenizer
-
-CHAT_SOURCES = ("sft", "mid", "rl")  # tried in this order when --source is not given
+from nanochat.tokenizer import TokenizerError
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", choices=CHAT_SOURCES + ("base",), default=None,
+    parser.add_argument("--checkpoint", default=None, help="step dir, tag dir, path under <base>/checkpoints "
+                        "(e.g. sft/d20) or a directory written by nanochat.export (instead of --source/--tag/--step)")
+    parser.add_argument("--source", choices=CHAT_PHASES + ("base",), default=None,
                         help="checkpoint phase (default: the first of sft, mid, rl that has one)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
@@ -38,12 +39,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_chat_model(source, tag, step, device):
-    phases = [source] if source else [p for p in CHAT_SOURCES if find_latest_tag(p) is not None]
-    if not phases:
+def checkpoint_spec(source, tag, step):
+    """The checkpoint directory --source/--tag/--step name (defaults: the first chat phase that has one, its
+    newest tag, the last step), as a spec for load_for_inference."""
+    phase = source or next((p for p in CHAT_PHASES if find_latest_tag(p) is not None), None)
+    if phase is None:
         raise CheckpointError(f"no chat checkpoint (sft, mid or rl) under {get_base_dir() / 'checkpoints'}: "
-                              f"train one first, or pick one with --source")
-    return load_model(phases[0], device, tag=tag, step=step)
+                              f"train one first, or pick one with --source or --checkpoint")
+    tag = tag or find_latest_tag(phase)
+    if tag is None:
+        raise CheckpointError(f"no complete checkpoint under {get_base_dir() / 'checkpoints' / phase}")
+    path = checkpoint_dir(phase, tag)
+    return path if step is None else step_dir(path, step)
 
 
 class Chat:
@@ -95,15 +102,14 @@ def main(argv=None):
         print("error: --prompt is empty", file=sys.stderr)
         return 2
     device = torch.device(args.device or autodetect_device_type())
-    tokenizer = get_tokenizer()
+    if args.checkpoint is not None and (args.source or args.tag or args.step is not None):
+        print("error: --checkpoint names the checkpoint: leave out --source, --tag and --step", file=sys.stderr)
+        return 2
     try:
-        model, meta = load_chat_model(args.source, args.tag, args.step, device)
-    except CheckpointError as e:
+        spec = args.checkpoint or checkpoint_spec(args.source, args.tag, args.step)
+        model, tokenizer, _ = load_for_inference(spec, device)
+    except (CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    if meta.get("tokenizer") and meta["tokenizer"] != tokenizer.fingerprint():
-        print(f"error: the checkpoint was trained with tokenizer {meta['tokenizer']}, "
-              f"but {get_base_dir() / 'tokenizer'} is {tokenizer.fingerprint()}", file=sys.stderr)
         return 1
     chat = Chat(Engine(model, tokenizer), args.max_tokens, args.temperature, args.top_k, args.seed)
     if args.prompt is not None:

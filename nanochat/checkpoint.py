@@ -30,6 +30,7 @@ META = "meta.json"
 MODEL = "model.pt"
 # param-group keys that describe an optimizer's implementation, not training state: never restored
 IMPL_KEYS = {"params", "fused", "foreach", "capturable", "differentiable"}
+CHAT_PHASES = ("sft", "mid", "rl")  # where the latest chat checkpoint is looked for, in this order
 
 
 class CheckpointError(RuntimeError):
@@ -151,13 +152,19 @@ def check_meta(meta, expect_config=None, expect_tokenizer=None, where=""):
                               f"but the tokenizer in use is {expect_tokenizer!r}")
 
 
+def load_model_state(ckpt_dir, step, device="cpu"):
+    """(model state dict, meta) of a complete checkpoint, without building a model."""
+    meta = load_meta(ckpt_dir, step)
+    return _load_torch(step_dir(ckpt_dir, step) / MODEL, map_location=device), meta
+
+
 def build_model(ckpt_dir, step, device, phase="eval", expect_config=None, expect_tokenizer=None, precision=None):
     """Rebuild the model saved at `step` on `device`, ready for phase "train" (model.train()) or "eval"
     (model.eval()), its matmuls in `precision` (default: auto for the device, see gpt.resolve_precision).
     Returns (model, meta). Raises CheckpointError on a mismatch or a damaged file."""
     assert phase in ("train", "eval"), f"phase is 'train' or 'eval', got {phase!r}"
     meta = load_meta(ckpt_dir, step)
-    check_meta(meta, expect_config, expect_tokenizer, where=str(step_dir(ckpt_dir, step)))
+    check_meta(meta, expect_config, expect_tokenizer, where=str(step_dir(ckpt_dir, step)))  # before reading the weights
     state = _load_torch(step_dir(ckpt_dir, step) / MODEL, map_location=device)
     with torch.device("meta"):
         model = GPT(GPTConfig(**meta["model_config"]))
@@ -178,6 +185,54 @@ def load_model(phase, device, mode="eval", tag=None, step=None, base_dir=None, *
     step = find_last_step(d) if step is None else step
     logger.info("loading %s step %s", d, step)
     return build_model(d, step, device, phase=mode, **expect)
+
+
+def spec_path(spec, base_dir=None) -> Path:
+    """A checkpoint spec's directory: the path itself if it exists (or is absolute), else under <base>/checkpoints."""
+    path = Path(spec)
+    return path if path.is_absolute() or path.exists() else Path(base_dir or get_base_dir()) / "checkpoints" / path
+
+
+def resolve_checkpoint(spec=None, base_dir=None):
+    """(checkpoint dir, step) for a checkpoint spec: a step directory (.../step_000123), a tag directory (its
+    last step), or a path relative to <base>/checkpoints (e.g. "sft/d20"); None means the latest chat
+    checkpoint (sft, else mid, else rl)."""
+    root = Path(base_dir or get_base_dir()) / "checkpoints"
+    if spec is None:
+        phase = next((p for p in CHAT_PHASES if find_latest_tag(p, base_dir) is not None), None)
+        if phase is None:
+            raise CheckpointError(f"no chat checkpoint (sft, mid or rl) under {root}: train one, or pass one")
+        spec = root / phase / find_latest_tag(phase, base_dir)
+    path = spec_path(spec, base_dir)
+    if (path / META).is_file() and path.name.startswith("step_"):
+        return path.parent, int(path.name.removeprefix("step_"))
+    step = find_last_step(path)
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint at {path}")
+    return path, step
+
+
+def load_for_inference(spec=None, device="cpu", base_dir=None, tokenizer_dir=None):
+    """(model in eval mode, tokenizer, meta) for a checkpoint spec (see resolve_checkpoint) or a directory
+    written by nanochat.export, which carries its own tokenizer. Refuses a checkpoint trained with another
+    tokenizer than the one it would be run with."""
+    from nanochat import export  # imports this module
+    from nanochat.tokenizer import get_tokenizer
+    path = None if spec is None else spec_path(spec, base_dir)
+    if path is not None and export.is_exported_dir(path):
+        model, tokenizer, meta = export.load_exported(path, device)
+        where = str(path)
+    else:
+        path, step = resolve_checkpoint(spec, base_dir)
+        model, meta = build_model(path, step, device, phase="eval")
+        tokenizer, where = None, f"{path} step {step}"
+    trained_with = meta.get("tokenizer")
+    if tokenizer is None or tokenizer_dir is not None:
+        tokenizer = get_tokenizer(tokenizer_dir)
+    if trained_with and trained_with != tokenizer.fingerprint():
+        raise CheckpointError(f"{where} was trained with tokenizer {trained_with}, but the tokenizer in use "
+                              f"is {tokenizer.fingerprint()}")
+    return model, tokenizer, {**meta, "path": str(path)}
 
 
 def _restore_groups(opt, saved_groups, where):

@@ -20,8 +20,8 @@ APP_NAME = "nanochat"
 def parser():
     p = argparse.ArgumentParser(prog="python -m serve_app", description="Serve a nanochat checkpoint on Ray Serve: "
                                 "OpenAI-compatible API, Gradio chat page, continuous batching.")
-    p.add_argument("--checkpoint", default=None, help="step dir, tag dir, or path under <base>/checkpoints, e.g. "
-                   "sft/d20 (default: the latest chat checkpoint: sft, else mid, else rl)")
+    p.add_argument("--checkpoint", default=None, help="step dir, tag dir, path under <base>/checkpoints (e.g. sft/d20) "
+                   "or a dir written by nanochat.export (default: the latest chat checkpoint: sft, else mid, else rl)")
     p.add_argument("--base-dir", default=None,
                    help="nanochat base dir (default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
     p.add_argument("--tokenizer-dir", default=None, help="default: <base>/tokenizer")

@@ -5,44 +5,23 @@ calls the ingress sends to every replica at once (handle.broadcast); so is `relo
 `python -m serve_app --reload ...`); `pid` is for tests that kill a replica.
 
 A checkpoint is named by a directory: a step directory (…/step_000123), a tag directory (its last
-step), or a path relative to <base>/checkpoints (e.g. "sft/d20"); none means the latest chat checkpoint
-(sft, else mid, else rl), as in the chat CLI.
+step), a path relative to <base>/checkpoints (e.g. "sft/d20"), or a directory written by nanochat.export
+(which brings its own tokenizer); none means the latest chat checkpoint (sft, else mid, else rl), as in the
+chat CLI (nanochat.checkpoint.load_for_inference).
 """
 import asyncio
 import os
 import random
 import time
-from pathlib import Path
 
 import torch
 from ray import serve
 
-from nanochat.checkpoint import CheckpointError, build_model, find_last_step, find_latest_tag
-from nanochat.common import autodetect_device_type, get_base_dir
+from nanochat.checkpoint import CheckpointError, load_for_inference
+from nanochat.common import autodetect_device_type
 from nanochat.engine import TextStream
-from nanochat.tokenizer import ConversationError, get_tokenizer
+from nanochat.tokenizer import ConversationError
 from serve_app.scheduler import RequestTimeout, Scheduler
-
-CHAT_PHASES = ("sft", "mid", "rl")  # where the latest chat checkpoint is looked for, in this order
-
-
-def resolve_checkpoint(spec=None, base_dir=None):
-    """(checkpoint dir, step) for a checkpoint spec (see the module docstring)."""
-    root = Path(base_dir or get_base_dir()) / "checkpoints"
-    if spec is None:
-        phase = next((p for p in CHAT_PHASES if find_latest_tag(p, base_dir) is not None), None)
-        if phase is None:
-            raise CheckpointError(f"no chat checkpoint (sft, mid or rl) under {root}: train one, or pass one")
-        spec = root / phase / find_latest_tag(phase, base_dir)
-    path = Path(spec)
-    if not path.is_absolute() and not path.exists():
-        path = root / path
-    if (path / "meta.json").is_file() and path.name.startswith("step_"):
-        return path.parent, int(path.name.removeprefix("step_"))
-    step = find_last_step(path)
-    if step is None:
-        raise CheckpointError(f"no complete checkpoint at {path}")
-    return path, step
 
 
 @serve.deployment(name="NanochatEngine")
@@ -51,24 +30,23 @@ class EngineReplica:
                  timeout_s=300.0, device=None):
         if base_dir:  # the replica may run on another node, in another process: same files as the driver
             os.environ["NANOCHAT_BASE_DIR"] = str(base_dir)
-        self.base_dir, self.timeout_s = base_dir, timeout_s
+        self.base_dir, self.tokenizer_dir, self.timeout_s = base_dir, tokenizer_dir, timeout_s
         self.device = torch.device(device or autodetect_device_type())
-        self.tokenizer = get_tokenizer(tokenizer_dir)
+        self.tokenizer = None
+        model, self.tokenizer, self.checkpoint = self._load(checkpoint)
         specials = self.tokenizer.special_ids
         self.specials = set(specials.values())
         self.terminal = {specials["<|assistant_end|>"], specials["<|bos|>"]}
-        model, self.checkpoint = self._load(checkpoint)
         self.scheduler = Scheduler(model, self.tokenizer, max_batch, max_seq_len)
         self.reload_lock = asyncio.Lock()
 
     def _load(self, spec):
-        ckpt_dir, step = resolve_checkpoint(spec, self.base_dir)
-        model, meta = build_model(ckpt_dir, step, self.device, phase="eval")
-        if meta.get("tokenizer") and meta["tokenizer"] != self.tokenizer.fingerprint():
-            raise CheckpointError(f"{ckpt_dir} step {step} was trained with tokenizer {meta['tokenizer']}, "
-                                  f"but the tokenizer in use is {self.tokenizer.fingerprint()}")
-        return model, {"path": str(ckpt_dir), "step": step, "model_config": meta["model_config"],
-                       "loaded_at": time.time()}
+        model, tokenizer, meta = load_for_inference(spec, self.device, self.base_dir, self.tokenizer_dir)
+        if self.tokenizer is not None and tokenizer.fingerprint() != self.tokenizer.fingerprint():  # a reload
+            raise CheckpointError(f"{meta['path']} comes with tokenizer {tokenizer.fingerprint()}, but the "
+                                  f"replicas run {self.tokenizer.fingerprint()}: deploy it as a new app instead")
+        return model, tokenizer, {"path": meta["path"], "step": meta["step"], "model_config": meta["model_config"],
+                                  "loaded_at": time.time()}
 
     async def generate(self, request):
         """Stream one chat completion. request: {"messages": [...] (already validated by the ingress),
@@ -120,7 +98,7 @@ class EngineReplica:
         """Load another checkpoint (same tokenizer) and serve new requests with it; running requests finish
         on the old weights, so nobody fails. Returns info()."""
         async with self.reload_lock:
-            model, loaded = await asyncio.to_thread(self._load, checkpoint)
+            model, _, loaded = await asyncio.to_thread(self._load, checkpoint)
             self.scheduler.reload(model)
             self.checkpoint = loaded
         return self.info()
