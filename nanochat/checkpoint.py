@@ -14,7 +14,9 @@ Optimizer shards saved by N ranks load on M ranks: the N shards are merged into 
 single-process optimizer would hold, then each rank keeps its own slice (see DistAdamW / DistMuon).
 """
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from nanochat.gpt import GPT, GPTConfig, resolve_precision
 from nanochat.muon import DistMuon
 
 FORMAT_VERSION = 1
+SLOW_WRITE_ENV = "NANOCHAT_CHECKPOINT_DELAY_S"  # seconds every save takes longer, as on slow shared storage
 META = "meta.json"
 MODEL = "model.pt"
 # param-group keys that describe an optimizer's implementation, not training state: never restored
@@ -72,6 +75,9 @@ def save_checkpoint(ckpt_dir, step, model, optimizers=None, meta=None, tokenizer
     if optimizers:
         name = f"optim_rank{rank}.pt"
         sizes[name] = _save_torch(out / name, {"optimizers": [opt.state_dict() for opt in optimizers]})
+    delay = float(os.environ.get(SLOW_WRITE_ENV, 0))  # fault injection: storage this slow (tests of `ray job stop`)
+    if delay:
+        time.sleep(delay)
     if distributed:  # wait for every rank's files (and learn their sizes) before marking complete
         gathered = [None] * world
         dist.all_gather_object(gathered, sizes)
