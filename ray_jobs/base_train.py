@@ -122,10 +122,12 @@ def main(args):
     args.tag = args.tag or f"d{args.depth}"
     tokenizer = get_tokenizer()
     model_config = GPTConfig.from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, head_dim=args.head_dim)
+    # the plan, before Ray Train starts (before Ray at all when the device and its memory are given): the device
+    # batch that fits, or a refusal; then whether the shards hold enough data
+    early = plan_phase("base_train", args, model_config) if args.device == "cuda" and args.gpu_memory_gb else None
     init_training_cluster(args)
     storage = Path(args.storage or get_base_dir())
-    # the plan, before Ray Train starts: the device batch that fits (or a refusal), whether the shards hold enough
-    args.memory_plan = plan_phase("base_train", args, model_config, args.gpu)
+    args.memory_plan = early or plan_phase("base_train", args, model_config, args.gpu)
     num_params, flops_per_token = model_size(model_config)
     peak = gpu_specs((args.gpu or {}).get("name", ""))[0] or 989e12
     rate = gpu_tokens_per_s(flops_per_token, args.num_workers, peak) if args.device == "cuda" else 1e5  # CPU: far below an actor

