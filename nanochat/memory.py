@@ -32,6 +32,9 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.muon import group_by_shape
 
 GiB = 2 ** 30
+DRIVER_RESERVED_GIB = 1.0  # an "80 GB" H100 shows ~79.2 GiB usable; the driver and ECC keep the rest
+CUDA_CONTEXT_GIB = 1.0  # PyTorch's CUDA context, cuBLAS workspaces and NCCL buffers on each GPU
+HEADROOM = 0.10  # fragmentation of the caching allocator, kernels' workspaces: what the trace does not see
 # What a step allocates on top of the saved activations at its peak, measured on real CPU tensors by
 # `python -m nanochat.memory --calibrate` (calibrate_transient; bench/results/memory_calibration_cpu-2core.json):
 # the loss's working set, in (chunk rows x vocab) fp32 buffers, where it peaks (small models, big vocab);
@@ -163,6 +166,36 @@ def step_memory(config: GPTConfig, batch: int, world_size: int = 1, precision="b
             "weights": s["weights"], "grads": s["grads"], "optimizer": s["optimizer"], "saved": traced["total"],
             "saved_per_block": traced["per_block"], "saved_head": traced["head"], "transient": transient,
             "optimizer_step": s["optimizer_step"], "largest_saved": traced["largest"]}
+
+
+def usable_bytes(gpu_memory_gb):
+    """Memory a training step may plan to use on one GPU of this nominal size: the usable memory (less what
+    the driver keeps), less the CUDA context, less the headroom."""
+    return int((1 - HEADROOM) * (gpu_memory_gb - DRIVER_RESERVED_GIB - CUDA_CONTEXT_GIB) * GiB)
+
+
+_traces = {}
+
+
+def cached_step_memory(config, batch, world_size=1, precision="bf16", device="cuda"):
+    """step_memory, remembered per (config, batch, world, precision, device): phases share a model."""
+    key = (tuple(sorted(config.to_dict().items())), batch, world_size, precision, device)
+    if key not in _traces:
+        _traces[key] = step_memory(config, batch, world_size, precision, device)
+    return _traces[key]
+
+
+def largest_batch_that_fits(config, candidates, limit, world_size=1, precision="bf16", device="cuda"):
+    """(batch, step_memory) for the largest of `candidates` whose traced peak is <= limit bytes, or None.
+    The saved activations grow linearly with the batch, so traces at 1 and 2 rows rank the candidates;
+    the one returned is traced itself."""
+    one, two = (cached_step_memory(config, b, world_size, precision, device)["peak"] for b in (1, 2))
+    for b in sorted(candidates, reverse=True):
+        if one + (b - 1) * (two - one) <= limit:
+            m = cached_step_memory(config, b, world_size, precision, device)
+            if m["peak"] <= limit:
+                return b, m
+    return None
 
 
 # ---- measuring on real tensors (CPU) ----------------------------------------------------------------------

@@ -34,10 +34,8 @@ from pathlib import Path
 if __name__ == "__main__":  # `python ray_jobs/plan.py` from a checkout: the project's packages are beside it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GiB = 2 ** 30
-DRIVER_RESERVED_GIB = 1.0  # an "80 GB" H100 shows ~79.2 GiB usable; the driver and ECC keep the rest
-CUDA_CONTEXT_GIB = 1.0  # PyTorch's CUDA context, cuBLAS workspaces and NCCL buffers on each GPU
-HEADROOM = 0.10  # fragmentation of the caching allocator, kernels' workspaces: what the trace does not see
+from nanochat.memory import DRIVER_RESERVED_GIB, HEADROOM, GiB, cached_step_memory, largest_batch_that_fits, usable_bytes  # noqa: E402,F401
+
 SHARD_MARGIN = 1.05  # shards downloaded beyond what the tokens need
 POOL_MARGIN = 1.5  # tokenizer actors for 1.5x the tokens/s the GPUs consume
 PHASES = ("base_train", "mid_train", "chat_sft", "chat_rl")
@@ -58,11 +56,6 @@ parser.add_argument("--json", action="store_true", help="print the plan as one J
 
 class PlanError(ValueError):
     """A plan that cannot work (memory, data): the message names the phase, the need and the limit."""
-
-
-def usable_bytes(gpu_memory_gb):
-    """Memory a training step may plan to use on one GPU: (usable - CUDA context) less the headroom."""
-    return int((1 - HEADROOM) * (gpu_memory_gb - DRIVER_RESERVED_GIB - CUDA_CONTEXT_GIB) * GiB)
 
 
 # ---- the phases' settings, as their scripts resolve them ----------------------------------------------------
@@ -110,47 +103,30 @@ def batch_candidates(phase, args, seq_len, world):
 
 # ---- memory ------------------------------------------------------------------------------------------------
 
-_traces = {}
-
-
-def traced_memory(config, batch, world, precision, device):
-    """nanochat.memory.step_memory, cached (the phases share a model)."""
-    from nanochat.memory import step_memory
-    key = (tuple(sorted(config.to_dict().items())), batch, world, precision, device)
-    if key not in _traces:
-        _traces[key] = step_memory(config, batch, world, precision, device)
-    return _traces[key]
-
-
 def plan_memory(phase, config, candidates, world, precision, device, limit, batch=None):
     """The phase's memory at the given batch, or at the largest candidate under `limit` (None: no limit,
-    the first candidate). The activations grow linearly with the batch: traces at 1 and 2 rows predict every
-    candidate; the one chosen is then traced itself. PlanError when nothing fits."""
+    the first candidate; see nanochat.memory.largest_batch_that_fits). PlanError when nothing fits."""
     def row(b, m):
         return {"device_batch_size": b, "peak_bytes": m["peak"], "peak_gib": round(m["peak"] / GiB, 2), "at": m["at"],
                 "parts_gib": {k: round(m[k] / GiB, 2) for k in ("weights", "grads", "optimizer", "saved", "transient", "optimizer_step")},
                 "limit_gib": round(limit / GiB, 2) if limit else None}
     if batch is not None or limit is None:
         b = batch or candidates[0]
-        m = traced_memory(config, b, world, precision, device)
+        m = cached_step_memory(config, b, world, precision, device)
         if limit and m["peak"] > limit:
             try:
                 advice = f"use --device-batch-size {plan_memory(phase, config, candidates, world, precision, device, limit)['device_batch_size']} " \
                          "(the largest that fits) or GPUs with more memory"
             except PlanError:
-                smallest = traced_memory(config, candidates[-1], world, precision, device)["peak"]
+                smallest = cached_step_memory(config, candidates[-1], world, precision, device)["peak"]
                 advice = f"even device batch {candidates[-1]} needs {smallest / GiB:.1f} GiB: use GPUs with more memory"
             raise PlanError(f"{phase}: needs {m['peak'] / GiB:.1f} GiB per GPU at device batch {b} (d{config.n_layer}, T="
                             f"{config.sequence_len}), over the {limit / GiB:.1f} GiB a GPU leaves with {HEADROOM:.0%} headroom: {advice}")
         return row(b, m)
-    one, two = (traced_memory(config, b, world, precision, device)["peak"] for b in (1, 2))
-    per_row = two - one
-    for b in candidates:
-        if one + (b - 1) * per_row <= limit:
-            m = traced_memory(config, b, world, precision, device)
-            if m["peak"] <= limit:
-                return row(b, m)
-    m = traced_memory(config, candidates[-1], world, precision, device)
+    fit = largest_batch_that_fits(config, candidates, limit, world, precision, device)
+    if fit:
+        return row(*fit)
+    m = cached_step_memory(config, candidates[-1], world, precision, device)
     raise PlanError(f"{phase}: needs {m['peak'] / GiB:.1f} GiB per GPU even at device batch {candidates[-1]} (d{config.n_layer}, "
                     f"T={config.sequence_len}), over the {limit / GiB:.1f} GiB a GPU leaves with {HEADROOM:.0%} headroom: "
                     f"use more GPUs per run (optimizer shards) or GPUs with more memory")

@@ -113,15 +113,18 @@ def test_speedrun_stops_resumes_and_survives_a_killed_driver(head_node, tmp_path
     # 1) `ray job stop` during pretraining, whose checkpoints take longer than Ray's default stop window
     first = submit(head_node, base_dir, wait=False, submission_id="speedrun-stop", extra_env={SLOW_WRITE_ENV: str(SLOW_CHECKPOINT_S)})
     assert first.returncode == 0, first.stdout + first.stderr
-    deadline = time.time() + 900
+    deadline, polls = time.time() + 900, 0
     while not (ckpt / "step_000010").is_dir():  # the first periodic checkpoint is being written: stop now
-        assert time.time() < deadline and "FAILED" not in job_status(head_node, "speedrun-stop"), "base_train never checkpointed"
+        polls += 1
+        assert time.time() < deadline, "base_train never checkpointed"
+        if polls % 50 == 0:  # the CLI costs a second of CPU: ask it now and then
+            assert "FAILED" not in job_status(head_node, "speedrun-stop"), job_status(head_node, "speedrun-stop")
         time.sleep(0.2)
     stopped = _ray("job", "stop", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "speedrun-stop", env=head_node, timeout=STOP_WAIT_S + 60)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    while "STOPPED" not in job_status(head_node, "speedrun-stop"):
+    while "was stopped" not in job_status(head_node, "speedrun-stop"):  # Ray's words for STOPPED
         assert time.time() < deadline, job_status(head_node, "speedrun-stop")
-        time.sleep(1)
+        time.sleep(3)
     stop_step = find_last_step(ckpt)
     meta = load_meta(ckpt, stop_step)  # complete: every file there, whole
     assert 10 < stop_step < 20 and meta["step"] == stop_step, stop_step  # written at the stop, not a periodic one
