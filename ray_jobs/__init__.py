@@ -1,5 +1,5 @@
-"""The Ray side of nanochat: one script per pipeline phase, the speedrun driver that chains them, and
-their shared glue (ray_jobs/common.py)."""
+"""The Ray side of nanochat: one script per pipeline phase, the speedrun driver that chains them, the
+planner (plan.py), and their shared glue (common.py: the cluster; training.py: the training phases)."""
 import os
 
 # A driver started by `uv run` (the README's commands) would make Ray 2.60 start every worker through

@@ -243,6 +243,9 @@ def rank_conversations(task, state=None):
             state["example"] += 1
             yield task[i], dict(state)
         state = {"epoch": state["epoch"] + 1, "example": 0}
+        # conversation mixtures are small and curated: passes over them are expected (SFT's --num-epochs, a
+        # packer's lookahead at the end of midtraining), but never silent
+        logger.warning("rank %d: starting pass %d over its %d conversations", rank, state["epoch"] + 1, len(indices))
 
 
 def _peak_flops(device):
