@@ -89,16 +89,31 @@ def gpu_tokens_per_s(flops_per_token, world, peak_flops=989e12, assumed_mfu=0.40
 
 
 def batch_candidates(phase, args, seq_len, world):
-    """Device batches the phase's global batch divides into (largest first), or [the one asked for]."""
+    """Device batches the phase's global batch divides into, largest first (none: PlanError naming the flag)."""
     if phase in ("base_train", "mid_train"):
         fits = [b for b in range(64, 0, -1) if args.total_batch_size % (b * seq_len * world) == 0]
+        flag, value, unit = "--total-batch-size", args.total_batch_size, f"T x workers = {seq_len} x {world}"
     elif phase == "chat_sft":
         fits = [b for b in range(64, 0, -1) if args.examples_per_step % (b * world) == 0]
+        flag, value, unit = "--examples-per-step", args.examples_per_step, f"the {world} workers"
     else:  # RL: micro-batches of sampled sequences, any size
-        fits = [b for b in (32, 16, 8, 4, 2, 1)]
+        return [32, 16, 8, 4, 2, 1]
     if not fits:
-        raise PlanError(f"{phase}: no device batch divides the global batch over {world} workers at T={seq_len}")
+        raise PlanError(f"{phase}: {flag} {value} is not a multiple of {unit} for any device batch: make it one")
     return fits
+
+
+def check_batch(phase, args, batch, seq_len, world):
+    """The global batch must split into whole micro-steps of `batch` rows on every worker (PlanError)."""
+    if phase == "chat_rl":
+        return
+    if phase == "chat_sft":
+        if args.examples_per_step % (batch * world):
+            raise PlanError(f"{phase}: --examples-per-step {args.examples_per_step} must be a multiple of device batch x workers "
+                            f"= {batch} x {world}")
+    elif args.total_batch_size % (batch * seq_len * world):
+        raise PlanError(f"{phase}: --total-batch-size {args.total_batch_size} must be a multiple of device batch x T x workers = "
+                        f"{batch} x {seq_len} x {world}")
 
 
 # ---- memory ------------------------------------------------------------------------------------------------
@@ -281,13 +296,9 @@ def plan_phase(name, args, config, gpu=None):
     precision = resolve_precision(args.precision, args.device, gpu_supports_bf16=(gpu or {}).get("bf16", True))
     limit = usable_bytes((gpu["memory_bytes"] / GiB + DRIVER_RESERVED_GIB) if gpu else 80) if on_gpu else None
     batch = args.device_batch_size if args.device_batch_size is not None else (None if on_gpu else CPU_DEVICE_BATCH[name])
-    candidates = batch_candidates(name, args, config.sequence_len, args.num_workers)
-    if batch is not None and batch not in candidates and name != "chat_rl":
-        what = ("--total-batch-size", args.total_batch_size, f"device batch x T x workers = {batch} x {config.sequence_len} x "
-                f"{args.num_workers}") if name != "chat_sft" else ("--examples-per-step", args.examples_per_step,
-                                                                    f"device batch x workers = {batch} x {args.num_workers}")
-        raise PlanError(f"{name}: {what[0]} {what[1]} must be a multiple of {what[2]}; device batches that divide it: "
-                        f"{', '.join(map(str, candidates))}")
+    if batch is not None:
+        check_batch(name, args, batch, config.sequence_len, args.num_workers)
+    candidates = batch_candidates(name, args, config.sequence_len, args.num_workers) if batch is None or limit else [batch]
     memory = plan_memory(name, config, candidates, args.num_workers, precision, args.device, limit, batch=batch)
     args.device_batch_size = memory["device_batch_size"]
     return {**memory, "precision": precision}

@@ -213,9 +213,10 @@ def resume_or_init(ckpt_dir, device, c, tokenizer, init, expect_config=None):
     ckpt_dir when there is one (a restart after a worker failure, or --resume; also on another number of
     workers), else init() gives the model (a new one, or the previous phase's weights) with fresh
     optimizers at step 0 and meta {}."""
+    import torch
     from nanochat.checkpoint import build_model, find_last_step, load_optimizers
     from nanochat.precision import resolve_precision
-    precision = resolve_precision(c.precision, device.type)
+    precision = resolve_precision(getattr(c, "precision", None), torch.device(device).type)
     start_step = find_last_step(ckpt_dir)
     if start_step is None:
         model = init().set_precision(precision)
@@ -481,8 +482,8 @@ PLAN_NAMES = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl":
 
 def train_from_source(phase, train_loop, args, source_phases, build_data, check=None):
     """Driver of mid/sft/rl: find the source checkpoint (the first of source_phases that has one, or
-    --source-tag/--source-step), make the phase's plan (the device batch that fits, the batch arithmetic),
-    let check(its model config) refuse bad settings, build the (train, validation) tasks with build_data()
+    --source-tag/--source-step), let check(its model config) refuse bad settings, make the phase's plan
+    (the device batch that fits, the batch arithmetic), build the (train, validation) tasks with build_data()
     here, so that a malformed row fails in the driver with its file and line rather than deep in a worker,
     ship them to the workers through the object store, run the TorchTrainer. Returns rank 0's summary."""
     import ray
@@ -494,10 +495,10 @@ def train_from_source(phase, train_loop, args, source_phases, build_data, check=
     source_phase, source_tag, source_step, source_dir = find_source(source_phases, args.source_tag, args.source_step, storage)
     args.source_phase, args.tag = source_phase, args.tag or source_tag
     model_config = load_meta(source_dir, source_step)["model_config"]
+    if check is not None:  # settings against the source model: refused before Ray starts
+        check(model_config)
     init_training_cluster(args)
     args.memory_plan = plan_phase(PLAN_NAMES[phase], args, GPTConfig(**model_config), args.gpu)
-    if check is not None:
-        check(model_config)
     train_task, val_task = build_data()
     logger.info("%s: %d training conversations, %d held out; from %s step %d", phase, len(train_task), len(val_task),
                 source_dir, source_step)

@@ -256,4 +256,4 @@ def test_tiny_rl_run_raises_the_reward_replaces_a_killed_actor_and_resumes(ray_c
     resumed = chat_rl.main(rl_args("--train-examples", "32", "--num-steps", str(steps + 1), "--eval-every", "-1", "--resume"))
     assert resumed["status"] == "finished" and resumed["step"] == steps + 1 and resumed["starts"] == [0, steps]
     assert resumed["curves"]["reward"]["y"][:steps] == rewards and len(resumed["curves"]["reward"]["y"]) == steps + 1
-    assert load_meta(ckpt_dir, steps + 1)["data_state"] == {"example": 8 * (steps + 1)}
+    assert load_meta(ckpt_dir, steps + 1)["data_state"] == [{"example": 8 * (steps + 1)}] * 2  # every rank's: the same
