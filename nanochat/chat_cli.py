@@ -11,19 +11,18 @@ tokens the model saw, its own tool calls and their outputs included: each turn a
 outgrows the context, the oldest tokens are dropped (the leading <|bos|> stays) so that an answer of
 --max-tokens (at most half the context) still fits.
 """
-import argparse
 import sys
 
 import torch
 
 from nanochat.checkpoint import CHAT_PHASES, CheckpointError, checkpoint_dir, find_latest_tag, load_for_inference, step_dir
-from nanochat.common import autodetect_device_type, get_base_dir
+from nanochat.common import ArgumentParser, autodetect_device_type, get_base_dir
 from nanochat.engine import Engine, TextStream
 from nanochat.tokenizer import TokenizerError
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=None, help="step dir, tag dir, path under <base>/checkpoints "
                         "(e.g. sft/d20) or a directory written by nanochat.export (instead of --source/--tag/--step)")
     parser.add_argument("--source", choices=CHAT_PHASES + ("base",), default=None,

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.adamw import DistAdamW
-from nanochat.common import atomic_write, atomic_write_text, get_base_dir, get_dist_info, logger
+from nanochat.common import NanochatError, atomic_write, atomic_write_text, get_base_dir, get_dist_info, logger
 from nanochat.gpt import GPT, GPTConfig, resolve_precision
 from nanochat.muon import DistMuon
 
@@ -36,7 +36,7 @@ IMPL_KEYS = {"params", "fused", "foreach", "capturable", "differentiable"}
 CHAT_PHASES = ("sft", "mid", "rl")  # where the latest chat checkpoint is looked for, in this order
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(NanochatError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt, or not the one the caller expects."""
 
 

@@ -2,14 +2,64 @@
 
 Plain Python + torch; never imports ray (the core library must work under torchrun or in a notebook).
 """
+import argparse
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 logger = logging.getLogger("nanochat")
+
+
+# ---- errors the user can act on ------------------------------------------------------------------------
+
+class NanochatError(Exception):
+    """Bad input, data, files or settings: the message names the culprit (file, flag, phase) and says what to
+    do. Every entry point prints it as one line and exits non-zero (one_line_errors); anything else is a bug
+    and keeps its traceback."""
+
+
+class SettingsError(NanochatError, ValueError):
+    """Flags that cannot work together (batch arithmetic, a context too short for the asked generation, ...)."""
+
+
+def find_nanochat_error(e):
+    """The NanochatError behind `e`: itself, or one a Ray worker raised (Ray wraps a task's exception, the
+    original being its `cause`; Ray Train's WorkerGroupError holds each rank's in `worker_failures`), else None."""
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, NanochatError):
+            return e
+        seen.add(id(e))
+        todo += [getattr(e, "cause", None), e.__cause__, *getattr(e, "worker_failures", {}).values()]
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(name):
+    """Around an entry point's work: a NanochatError (raised here or in a Ray worker) ends the program with
+    "<name>: <message>" as its one line on stderr and exit status 1."""
+    try:
+        yield
+    except Exception as e:
+        found = find_nanochat_error(e)
+        if found is None:
+            raise
+        message = str(found).splitlines()[0] if str(found) else type(found).__name__
+        sys.exit(message if message.startswith(f"{name}:") else f"{name}: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag ("prog: error: ..."), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def setup_logging(level=logging.INFO):
@@ -39,7 +89,7 @@ def get_mirror_dir() -> Path | None:
         return None
     path = Path(mirror).expanduser().absolute()  # paths handed to Ray tasks must not depend on their cwd
     if not path.is_dir():
-        raise FileNotFoundError(f"NANOCHAT_MIRROR={mirror!r} is not a directory")
+        raise SettingsError(f"NANOCHAT_MIRROR={mirror!r} is not a directory: point it at the dataset mirror, or unset it")
     return path
 
 
@@ -77,7 +127,7 @@ def atomic_write_text(path, text: str):
 DOWNLOAD_CHUNK_BYTES = 1 << 16  # a dropped connection loses at most the chunk being read
 
 
-class DownloadError(RuntimeError):
+class DownloadError(NanochatError, RuntimeError):
     """A download that failed for good; the message names the URL and the last error."""
 
 

@@ -9,7 +9,6 @@ shard_00004, is its validation shard) and no network request is ever made.
 
     python -m nanochat.dataset -n 8      # download 8 training shards + the validation shard
 """
-import argparse
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from nanochat.common import download_file, get_base_dir, get_mirror_dir
+from nanochat.common import ArgumentParser, NanochatError, download_file, get_base_dir, get_mirror_dir
 
 logger = logging.getLogger("nanochat.dataset")
 
@@ -30,7 +29,7 @@ MIRROR_VAL_SHARD = 4  # the mirror's last shard (see the mirror's MANIFEST.md)
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 
 
-class DataError(RuntimeError):
+class DataError(NanochatError, RuntimeError):
     """A shard that is missing, unreadable, or not in the expected format. The message names the file."""
 
 
@@ -175,7 +174,7 @@ def download_shards(num_shards: int, workers: int = 8, data_dir=None, base_url=N
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Download FineWeb-Edu pretraining shards")
+    parser = ArgumentParser(description="Download FineWeb-Edu pretraining shards")
     parser.add_argument("-n", "--num-shards", type=int, default=8, help="training shards to download (-1: all 1822)")
     parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--base-url", default=None, help=f"where the shards are (default ${BASE_URL_ENV} or {BASE_URL})")
@@ -183,10 +182,9 @@ def main():
     args = parser.parse_args()
     from nanochat.common import setup_logging
     setup_logging()
-    try:
+    from nanochat.common import one_line_errors
+    with one_line_errors("nanochat.dataset"):
         paths = download_shards(args.num_shards, workers=args.workers, base_url=args.base_url, retries=args.retries)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
     print(f"{len(paths)} shards ready in {paths[0].parent}")
 
 

@@ -41,7 +41,6 @@ back into "<|" before BPE: the ids are ours. The one cost: a text that itself ho
 with the U+2060 dropped. tokenizer(text) recognizes special strings (transformers' default); pass
 split_special_tokens=True for our encode()'s ordinary-text behaviour.
 """
-import argparse
 import json
 import os
 import shutil
@@ -51,7 +50,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import CheckpointError, load_model_state, resolve_checkpoint
-from nanochat.common import get_base_dir
+from nanochat.common import ArgumentParser, NanochatError, get_base_dir
 from nanochat.gpt import GPT, SOFTCAP, GPTConfig
 from nanochat.precision import resolve_precision
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, get_tokenizer
@@ -72,7 +71,7 @@ NAME_MAP = [
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # exported with the real vocabulary's rows only
 
 
-class ExportError(ValueError):
+class ExportError(NanochatError, ValueError):
     """A checkpoint that transformers' NanoChat format cannot express."""
 
 
@@ -384,7 +383,7 @@ def load_exported(directory, device="cpu"):
 # ---- command line ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a checkpoint to a Hugging Face transformers directory "
+    p = ArgumentParser(description="Export a checkpoint to a Hugging Face transformers directory "
                                 "(NanoChat architecture, safetensors, tokenizer, chat template).")
     p.add_argument("--checkpoint", default=None, help="step dir, tag dir, or path under <base>/checkpoints, e.g. "
                    "sft/d20 or base/d20 (default: the latest chat checkpoint: sft, else mid, else rl)")

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from nanochat.common import SettingsError
+
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PRECISION_ENV = "NANOCHAT_PRECISION"
 
@@ -21,7 +23,7 @@ def resolve_precision(name=None, device_type="cpu", gpu_supports_bf16=None) -> s
     name = name or os.environ.get(PRECISION_ENV) or "auto"
     if name != "auto":
         if name not in PRECISIONS:
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {name!r} (--precision or ${PRECISION_ENV})")
+            raise SettingsError(f"precision must be auto, bf16, fp16 or fp32, got {name!r} (--precision or ${PRECISION_ENV})")
         return name
     if device_type != "cuda":
         return "fp32"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import tiktoken
 
+from nanochat.common import NanochatError
+
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document; also the separator the packer aligns rows on
     "<|user_start|>", "<|user_end|>",
@@ -31,11 +33,11 @@ FORMAT_VERSION = 1
 META_FILE, RANKS_FILE, TOKEN_BYTES_FILE = "tokenizer.json", "ranks.tiktoken", "token_bytes.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(NanochatError, ValueError):
     """A tokenizer directory that is missing, corrupt, or inconsistent."""
 
 
-class ConversationError(ValueError):
+class ConversationError(NanochatError, ValueError):
     """A conversation with wrong roles, empty turns, or a malformed structure."""
 
 

@@ -14,11 +14,12 @@ infinite loss stops the run with an error naming the step; the last good checkpo
 import argparse
 from pathlib import Path
 
+from nanochat.common import ArgumentParser
 from ray_jobs.common import run_phase_script
 from ray_jobs.training import (TrainLoop, add_training_flags, apply_preset, lr_multiplier, muon_momentum,  # noqa: F401 (schedule re-exported)
                                report_training)
 
-parser = argparse.ArgumentParser(description="Base pretraining on Ray Train")
+parser = ArgumentParser(description="Base pretraining on Ray Train")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: a small CPU model, a few minutes")
 # model
 parser.add_argument("--depth", type=int, default=20, help="the one dial: width = 64 * depth")
@@ -111,31 +112,35 @@ def _log_samples(model, tokenizer, log):
 def main(args):
     """Plan (memory, data), build the list of data pieces and the TorchTrainer, run it; rank 0's summary."""
     import ray
-    from nanochat.common import get_base_dir, gpu_specs
+    from nanochat.common import get_base_dir
     from nanochat.gpt import GPTConfig
     from nanochat.tokenizer import get_tokenizer, get_tokenizer_dir
+    from nanochat.checkpoint import checkpoint_dir
     from ray_jobs.data import DOCS_PER_PIECE, pretrain_pieces
     from ray_jobs.plan import check_data, gpu_tokens_per_s, model_size, plan_data, plan_phase
-    from ray_jobs.training import build_trainer, fit, init_training_cluster, prepare_run
+    from ray_jobs.training import build_trainer, check_resumable, fit, init_training_cluster, prepare_run
 
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
     args.tag = args.tag or f"d{args.depth}"
+    storage = Path(args.storage or get_base_dir())
+    # what can be checked without Ray, before it starts: the tokenizer, every shard, a resume's checkpoint,
+    # and the plan when the device (and on GPUs its memory) is given
     tokenizer = get_tokenizer()
     model_config = GPTConfig.from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, head_dim=args.head_dim)
-    # the plan, before Ray Train starts (before Ray at all when the device and its memory are given): the device
-    # batch that fits, or a refusal; then whether the shards hold enough data
-    early = plan_phase("base_train", args, model_config) if args.device == "cuda" and args.gpu_memory_gb else None
-    init_training_cluster(args)
-    storage = Path(args.storage or get_base_dir())
-    args.memory_plan = early or plan_phase("base_train", args, model_config, args.gpu)
+    pieces = pretrain_pieces(seed=args.seed, docs_per_piece=args.docs_per_piece or DOCS_PER_PIECE)
+    if args.resume:
+        check_resumable(checkpoint_dir("base", args.tag, base_dir=storage), model_config, tokenizer)
     num_params, flops_per_token = model_size(model_config)
-    peak = gpu_specs((args.gpu or {}).get("name", ""))[0] or 989e12
-    rate = gpu_tokens_per_s(flops_per_token, args.num_workers, peak) if args.device == "cuda" else 1e5  # CPU: far below an actor
+    # the tokenizer pool keeps up with the GPUs at the assumed MFU (an H100's peak until the GPU is known)
+    rate = gpu_tokens_per_s(flops_per_token, args.num_workers) if args.device != "cpu" else 1e5  # CPU: far below an actor
     data = plan_data(args, model_config, num_params, args.num_workers, tokens_per_s=rate)
     check_data(data, args.allow_repeat)
+    known = args.device == "cpu" or (args.device == "cuda" and args.gpu_memory_gb)
+    early = plan_phase("base_train", args, model_config) if known else None
+    init_training_cluster(args)
+    args.memory_plan = early or plan_phase("base_train", args, model_config, args.gpu)
     args.data_actors = args.data_actors or (data.get("data_actors", 1) if args.device == "cuda" else args.num_workers)
     run_dir = prepare_run("base", args.tag, storage, args.resume)
-    pieces = pretrain_pieces(seed=args.seed, docs_per_piece=args.docs_per_piece or DOCS_PER_PIECE)
     config = dict(vars(args), tokenizer_dir=str(get_tokenizer_dir()), storage=str(storage), run_dir=str(run_dir),
                   pieces=ray.put(pieces))
     summary = fit(build_trainer(train_loop, config, "base"), run_dir)

@@ -30,18 +30,18 @@ On CPU, 2 workers at 1 CPU + 2 actors at 0.5 CPU fit a 4-logical-CPU local Ray. 
 (step, data position, curves), SIGTERM stop and the NaN guard work as in the other training phases; the
 sampling seeds derive from (--seed, step, prompt), so a resumed run samples what it would have.
 """
-import argparse
 import hashlib
 import logging
 import os
 import time
 
+from nanochat.common import ArgumentParser, SettingsError
 from ray_jobs.common import run_phase_script
 from ray_jobs.training import add_training_flags, apply_preset, report_training, step_optimizers, train_from_source
 
 logger = logging.getLogger("nanochat.rl")
 
-parser = argparse.ArgumentParser(description="RL on GSM8K with Ray rollout actors")
+parser = ArgumentParser(description="RL on GSM8K with Ray rollout actors")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: CPU, 2 workers + 2 actors, simple-arith, minutes")
 # the model to start from
 parser.add_argument("--source", choices=["sft", "mid", "base"], default="sft", help="the phase whose checkpoint RL starts from")
@@ -494,11 +494,11 @@ def main(args):
     mean reward of the first and last steps), "curves" (reward, pass@k, loss), "timing", "samples_per_s"."""
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
     if args.examples_per_step < args.num_workers:
-        raise ValueError(f"--examples-per-step {args.examples_per_step} leaves some of the {args.num_workers} workers no prompt")
+        raise SettingsError(f"--examples-per-step {args.examples_per_step} leaves some of the {args.num_workers} workers no prompt")
 
     def check(model_config):
         if args.max_new_tokens >= model_config["sequence_len"]:
-            raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the source model's "
+            raise SettingsError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the source model's "
                              f"context of {model_config['sequence_len']} tokens")
     return train_from_source("rl", train_loop, args, [args.source], lambda: build_tasks(args.task, args.train_examples), check)
 

@@ -15,12 +15,12 @@ The loss is the mean over a micro-batch's assistant tokens.
 Resume, checkpoints, SIGTERM stop, NaN guard: as in base_train (ray_jobs/training.TrainLoop); the data
 position saved is this worker's example index (and epoch).
 """
-import argparse
 
 from ray_jobs.common import run_phase_script
 from ray_jobs.training import add_training_flags, apply_preset, examples_only, report_training, train_from_source
+from nanochat.common import ArgumentParser
 
-parser = argparse.ArgumentParser(description="Supervised fine-tuning on Ray Train")
+parser = ArgumentParser(description="Supervised fine-tuning on Ray Train")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: CPU, 2 workers, a small mixture, minutes")
 # the model to start from
 parser.add_argument("--source-phase", choices=["mid", "base"], default=None, help="default: mid if it has a checkpoint, else base")

@@ -108,17 +108,14 @@ class PhaseLog:
 
 def run_phase_script(main, parser, section, report_section):
     """`python ray_jobs/<phase>.py ...`: run main(args), log the report section, print the summary as JSON.
-    Bad input (a malformed data row, a missing or mismatched checkpoint) ends with its message, not a
-    traceback."""
-    import sys
-    from nanochat.checkpoint import CheckpointError
+    Bad input (a malformed data row, a missing or mismatched checkpoint, impossible settings: a
+    NanochatError, raised here or in a Ray worker) ends with one line naming it, not a traceback."""
+    from nanochat.common import one_line_errors
     from nanochat.report import get_report
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     args = parser.parse_args()
     t0 = time.time()
-    try:
+    with one_line_errors(section):
         summary = main(args)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:  # ValueError: TaskDataError, ConversationError, bad settings
-        sys.exit(f"{section}: {type(e).__name__}: {e}")
     get_report().log(section, {"wall_seconds": round(time.time() - t0, 1), **report_section(summary, args)})
     print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, default=str))

@@ -17,12 +17,12 @@ conversations that sat in the packer's buffer when it was saved are skipped on r
 else (checkpoints on every --save-every steps, worker-loss recovery, SIGTERM stop, NaN guard, the
 validation bits per byte on held-out conversations) works as in base_train (ray_jobs/training.TrainLoop).
 """
-import argparse
 
 from ray_jobs.common import run_phase_script
 from ray_jobs.training import add_training_flags, apply_preset, examples_only, report_training, train_from_source
+from nanochat.common import ArgumentParser
 
-parser = argparse.ArgumentParser(description="Midtraining on Ray Train")
+parser = ArgumentParser(description="Midtraining on Ray Train")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: CPU, 2 workers, a small mixture, minutes")
 # the model to start from
 parser.add_argument("--source-tag", default=None, help="base checkpoint tag (default: the latest)")

@@ -23,7 +23,6 @@ For each training phase of the preset (base_train, mid_train, chat_sft, chat_rl)
 A plan that cannot fit is refused with one line naming the phase, the need and the limit (PlanError); the
 speedrun and every training phase make their plan before Ray Train starts.
 """
-import argparse
 import functools
 import json
 import math
@@ -34,6 +33,7 @@ from pathlib import Path
 if __name__ == "__main__":  # `python ray_jobs/plan.py` from a checkout: the project's packages are beside it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nanochat.common import ArgumentParser, NanochatError  # noqa: E402
 from nanochat.memory import DRIVER_RESERVED_GIB, HEADROOM, GiB, cached_step_memory, largest_batch_that_fits, usable_bytes  # noqa: E402,F401
 
 SHARD_MARGIN = 1.05  # shards downloaded beyond what the tokens need
@@ -41,7 +41,7 @@ POOL_MARGIN = 1.5  # tokenizer actors for 1.5x the tokens/s the GPUs consume
 PHASES = ("base_train", "mid_train", "chat_sft", "chat_rl")
 CPU_DEVICE_BATCH = {"base_train": 32, "mid_train": 32, "chat_sft": 4, "chat_rl": 8}  # when none is given on CPU
 
-parser = argparse.ArgumentParser(description="the plan of a run: memory, data, disk, time and cost, before any GPU is rented")
+parser = ArgumentParser(description="the plan of a run: memory, data, disk, time and cost, before any GPU is rented")
 parser.add_argument("--preset", choices=["tiny", "smoke", "d20", "d26", "d32"], default="d20")
 parser.add_argument("--gpu-memory-gb", type=float, default=80, help="nominal memory of one GPU (H100: 80)")
 parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -54,7 +54,7 @@ parser.add_argument("--device-batch-size", type=int, default=None, help="pretrai
 parser.add_argument("--json", action="store_true", help="print the plan as one JSON line")
 
 
-class PlanError(ValueError):
+class PlanError(NanochatError, ValueError):
     """A plan that cannot work (memory, data): the message names the phase, the need and the limit."""
 
 
@@ -344,7 +344,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parser.parse_args())
-    except PlanError as e:
-        sys.exit(f"plan: {e}")
+    from nanochat.common import one_line_errors
+    args = parser.parse_args()
+    with one_line_errors("plan"):
+        main(args)

@@ -7,15 +7,14 @@ Each phase runs as a Ray task or a Ray Train run. A phase is skipped when its co
 exists, so re-running the same command after a crash continues where it stopped (--restart
 starts over). Everything goes under $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 """
-import argparse
 import json
 import os
 import time
 from types import SimpleNamespace
 
-from nanochat.common import get_base_dir, setup_logging
+from nanochat.common import ArgumentParser, SettingsError, get_base_dir, setup_logging
 
-parser = argparse.ArgumentParser(description="nanochat speedrun: the whole pipeline")
+parser = ArgumentParser(description="nanochat speedrun: the whole pipeline")
 parser.add_argument("--preset", choices=["tiny", "smoke", "d20", "d26", "d32"], default=None,
                     help="model/data scale (default: tiny without GPUs, d20 when every node has 8 GPUs)")
 parser.add_argument("--run", default="speedrun", help="run name: markers and the report go under <base>/runs/<run>")
@@ -58,7 +57,7 @@ def pick_preset(requested, resources):
     import ray
     if all(node["Resources"].get("GPU", 0) == 8 for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU")):
         return "d20"
-    raise SystemExit(f"this cluster has {gpus:g} GPUs but not 8 per node: pick a scale with --preset (tiny, d20, d26, d32)")
+    raise SettingsError(f"this cluster has {gpus:g} GPUs but not 8 per node: pick a scale with --preset (tiny, d20, d26, d32)")
 
 
 def phase_download(num_shards, plan=None):
@@ -181,4 +180,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(parser.parse_args())))
+    from nanochat.common import one_line_errors
+    args = parser.parse_args()
+    with one_line_errors("speedrun"):  # a phase's bad input (a NanochatError, here or in a Ray worker): one line
+        print(json.dumps(main(args)))

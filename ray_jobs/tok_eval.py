@@ -8,15 +8,14 @@ network) they come from installed packages: GPT-4's cl100k_base from `tiktoken-o
 dependency), GPT-2 from `openai-whisper`'s bundled gpt2.tiktoken if that package is installed.
 A baseline that cannot be had is reported as unavailable, with the reason.
 """
-import argparse
 import json
 from importlib import resources
 
 import tiktoken
 
-from nanochat.common import get_mirror_dir, setup_logging
+from nanochat.common import ArgumentParser, get_mirror_dir, setup_logging
 
-parser = argparse.ArgumentParser(description="Tokenizer compression report")
+parser = ArgumentParser(description="Tokenizer compression report")
 parser.add_argument("--tokenizer-dir", type=str, default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer")
 parser.add_argument("--val-chars", type=int, default=2_000_000, help="characters of the validation shard to encode")
 
@@ -118,4 +117,7 @@ def markdown_table(table, names):
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(parser.parse_args())))
+    from nanochat.common import one_line_errors
+    args = parser.parse_args()
+    with one_line_errors("tok_eval"):
+        print(json.dumps(main(args)))

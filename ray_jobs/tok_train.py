@@ -5,13 +5,12 @@
 Writes the tokenizer to $NANOCHAT_BASE_DIR/tokenizer (or --out). Needs the training shards
 (python -m nanochat.dataset -n 8). The speedrun runs main() as a Ray task.
 """
-import argparse
 import json
 import time
 
-from nanochat.common import setup_logging
+from nanochat.common import ArgumentParser, setup_logging
 
-parser = argparse.ArgumentParser(description="Train the BPE tokenizer")
+parser = ArgumentParser(description="Train the BPE tokenizer")
 parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
 parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
 parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size, special tokens included")
@@ -32,8 +31,10 @@ def training_texts(max_chars, doc_cap):
 
 
 def main(args):
+    from nanochat.dataset import list_shard_paths
     from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
     log = setup_logging()
+    list_shard_paths("train")  # no shards: say so before the trainer starts reading
     out = args.out or get_tokenizer_dir()
     t0 = time.time()
     counted = {"chars": 0, "docs": 0}
@@ -56,4 +57,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(parser.parse_args())))
+    from nanochat.common import one_line_errors
+    args = parser.parse_args()
+    with one_line_errors("tok_train"):
+        print(json.dumps(main(args)))

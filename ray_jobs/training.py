@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from nanochat.common import get_base_dir, get_dist_info
+from nanochat.common import NanochatError, SettingsError, get_base_dir, get_dist_info
 from ray_jobs.common import init_ray
 
 logger = logging.getLogger("nanochat.train")
@@ -16,6 +16,11 @@ logger = logging.getLogger("nanochat.train")
 # ---- training phases on Ray Train (base, mid, sft): what their drivers and worker loops share -----------
 
 STOP_FILE = "STOP"  # written by the driver on SIGTERM; the workers checkpoint and return
+
+
+class TrainingError(NanochatError, RuntimeError):
+    """A run that stopped itself (a non-finite loss or weights): the message names the step and the last
+    good checkpoint."""
 
 
 def add_training_flags(parser, **defaults):
@@ -118,6 +123,15 @@ def prepare_run(phase, tag, storage, resume):
     return run_dir
 
 
+def check_resumable(ckpt_dir, model_config, tokenizer):
+    """Driver side, before a --resume: the last checkpoint there must be for this model and tokenizer
+    (CheckpointError saying what differs), rather than a worker finding out after Ray Train started."""
+    from nanochat.checkpoint import check_meta, find_last_step, load_meta, step_dir
+    step = find_last_step(ckpt_dir)
+    if step is not None:
+        check_meta(load_meta(ckpt_dir, step), model_config, tokenizer.fingerprint(), where=str(step_dir(ckpt_dir, step)))
+
+
 def init_training_cluster(args):
     """Connect to (or start) Ray, then settle --device auto and --cpus-per-worker from its resources, and
     learn the cluster's GPU (args.gpu: {"name", "memory_bytes", "bf16"}, None on CPU runs) for the plan."""
@@ -125,7 +139,7 @@ def init_training_cluster(args):
     if args.device == "auto":
         args.device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
     if args.device == "cuda" and resources.get("GPU", 0) < 1:
-        raise ValueError("--device cuda, but the Ray cluster has no GPUs: use --device cpu (or auto), or add GPU nodes")
+        raise SettingsError("--device cuda, but the Ray cluster has no GPUs: use --device cpu (or auto), or add GPU nodes")
     if args.cpus_per_worker is None:
         args.cpus_per_worker = 8 if args.device == "cuda" else 1
     args.gpu = cluster_gpu() if args.device == "cuda" else None
@@ -188,7 +202,7 @@ def fit(trainer, run_dir):
     summary = dict(result.return_value or {})
     summary["wall_seconds"] = round(time.time() - t0, 1)
     if str(summary.get("status", "")).startswith("error"):
-        raise RuntimeError(summary["status"])
+        raise TrainingError(summary["status"][len("error: "):])
     return summary
 
 
@@ -237,7 +251,7 @@ def rank_conversations(task, state=None):
     _, rank, _, world = get_dist_info()
     indices = range(rank, len(task), world)
     if not indices:
-        raise ValueError(f"{len(task)} examples cannot be shared by {world} workers")
+        raise SettingsError(f"{len(task)} examples cannot be shared by {world} workers: use more data or fewer --num-workers")
     state = dict(state or {"epoch": 0, "example": 0})
     while True:
         for i in indices[state["example"]:]:
