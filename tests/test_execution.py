@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,27 @@ def test_files_outside_the_work_dir_cannot_be_written_or_deleted(tmp_path):
     assert (victim / "data.txt").read_text() == "precious"
     result = run(f"import os\nos.rename('{victim / 'data.txt'}', 'stolen.txt')")
     assert refused(result) and (victim / "data.txt").exists()
+
+
+def test_files_outside_the_work_dir_cannot_be_read():
+    """Landlock allows reads beneath the Python install, /usr, /lib* and the work dir only: a file anyone may
+    read by its permissions (a world-readable file in a world-traversable folder: the sandbox's uid is no
+    barrier there) is still refused, and so is listing its folder."""
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="nanochat-read-test-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        secret_file = folder / "secret.txt"
+        secret_file.write_text(SECRET)  # run() checks that SECRET appears nowhere in the output
+        secret_file.chmod(0o644)
+        result = run(f"print(open('{secret_file}').read())")
+        assert refused(result), (result, sandbox_report())
+        result = run(f"import os\nprint(os.listdir('{folder}'))")
+        assert refused(result) and "secret.txt" not in result.stdout
+        assert run("print(len(open('/usr/lib/os-release').read()) > 0)").stdout == "True\n"  # allowed reads still work
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_network_is_refused():
