@@ -73,6 +73,16 @@ def logit_for_loss(loss, vocab_size):
     return math.log((vocab_size - 1) / (math.exp(loss) - 1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Scoring is many small ops: on a busy 2-core machine one thread is several times faster than two
+    (the counts do not depend on it; base_eval's workers run one thread each too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tok(small_tokenizer):
     return small_tokenizer[0]
@@ -273,16 +283,19 @@ def test_batched_scoring_equals_an_unbatched_reference_on_real_tasks(tok):
     model = create_model(GPTConfig.from_depth(2, tok.get_vocab_size(), 64, head_dim=32), "cpu").eval()
     bundle = get_eval_bundle()
     tasks = {t["label"]: t for t in load_core_tasks(bundle)}
-    for label in ("copa", "commonsense_qa", "winograd", "lambada_openai", "bigbench_qa_wikidata"):  # 0- and 10-shot, 3 types
-        task = tasks[label]
-        data = task_examples(load_task_data(bundle, task), 11)  # 10 shots need 10 others (nanochat: an error)
+    # the 3 types, 0-shot and few-shot (3 shots instead of 10: 10 need 11 examples and long prompts, slow here)
+    for label, shots in (("copa", 0), ("commonsense_qa", 3), ("winograd", 0), ("lambada_openai", 0), ("bigbench_qa_wikidata", 3)):
+        task = {**tasks[label], "num_fewshot": shots}
+        data = task_examples(load_task_data(bundle, task), 6)
         expected = [reference_correct(model, tok, data, task, i) for i in range(len(data))]
         examples = []
         for i in range(len(data)):
             prompts, gold = render_prompts(data, i, task)
             examples.append((tokenize_prompts(tok, prompts, task["task_type"]), gold))
-        for batch_tokens in (1, 10**6):  # one example per forward, all in one
-            assert score_examples(model, examples, task["task_type"], "cpu", batch_tokens) == expected, (label, batch_tokens)
+        # one example per forward, all in one; MC prefixes through a KV cache (10-shot prompts) or not
+        for batch_tokens, shared_prefix_min in ((1, 10**9), (10**6, 10**9), (10**6, 1)):
+            assert score_examples(model, examples, task["task_type"], "cpu", batch_tokens, shared_prefix_min) == expected, \
+                (label, batch_tokens, shared_prefix_min)
         assert count_correct(model, tok, data, task, "cpu", range(len(data))) == (sum(expected), len(data))
 
 
@@ -485,3 +498,30 @@ def test_base_eval_names_unknown_tasks(small_tokenizer):
     save_checkpoint(checkpoint_dir("base", "tiny"), 1, model, meta={"phase": "base"}, tokenizer_fingerprint=tok.fingerprint())
     with pytest.raises(ValueError, match=r"--tasks: unknown task\(s\) \['mmlu'\]"):
         base_eval.main(base_eval.parser.parse_args(["--tasks", "copa,mmlu"]))
+
+
+# ---- bits per byte, nanochat's rows -----------------------------------------------------------------------
+
+def test_sequential_batches_cut_the_document_stream_as_nanochats_seed(tmp_path, monkeypatch):
+    from itertools import islice
+
+    from nanochat.loss_eval import sequential_batches
+    from pretrain_files import byte_tokenizer, make_pretrain_dir
+    _, docs = make_pretrain_dir(tmp_path, num_files=2, docs_per_file=30, row_group_size=10)
+    monkeypatch.setenv("NANOCHAT_MIRROR", str(tmp_path))
+    tok = byte_tokenizer()
+    val_docs = [docs[i] for i in range(30, 60)]  # the last file is the validation shard, row groups of 10 docs
+    B, T = 3, 16
+
+    def expected(texts, n):  # by hand: BOS (256) + bytes of each document, one stream, windows of B*T + 1
+        stream = [t for text in texts for t in [256] + list(text.encode())]
+        return [(stream[k * (B * T + 1):(k + 1) * (B * T + 1) - 1], stream[k * (B * T + 1) + 1:(k + 1) * (B * T + 1)]) for k in range(n)]
+
+    got = [(x.reshape(-1).tolist(), y.reshape(-1).tolist()) for x, y in islice(sequential_batches(tok, B, T), 40)]
+    assert got[:20] == expected(val_docs, 20)
+    assert got[0][0][T] == got[0][1][T - 1]  # row 1 starts where row 0's targets end: consecutive rows
+    # rank 1 of 2 reads row groups 1, 3, ...: here the second, docs 40-49
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    got = [(x.reshape(-1).tolist(), y.reshape(-1).tolist()) for x, y in islice(sequential_batches(tok, B, T), 5)]
+    assert got == expected(val_docs[10:20], 5)
