@@ -45,9 +45,11 @@ Batching (not part of the definition: right padding is invisible to a causal mod
 computes the same attention). The examples are cut into chunks of CHUNK_EXAMPLES consecutive indices. A
 multiple-choice example whose choices share at least SHARED_PREFIX_MIN tokens (the few-shot ones) sends
 that prefix through the model once, into a KV cache that every choice continues from: the 22 tasks hold
-~2.3x fewer tokens that way. The other examples of a chunk go through in as few right-padded forwards of
-at most BATCH_TOKENS tokens as fit. A worker takes whole chunks, so every row is computed the same way
-however many workers share the task.
+~2.3x fewer tokens that way. On a GPU the other examples of a chunk go through in as few right-padded
+forwards of at most BATCH_TOKENS tokens as fit; on the CPU each goes alone (in bench/core_eval.py padded
+batches of several examples were slower there, by 1.2x to 4x on a shared 2-core machine: the work on the
+whole (rows, width, vocab) logits is memory-bound). A worker takes whole chunks, so every row is computed the same way however many workers
+share the task.
 
 Plain torch: under torch.distributed each rank scores its chunks and the counts are summed with
 all_reduce. Never imports ray.
@@ -224,7 +226,7 @@ SHUFFLE_SEED = 1337  # the order of a task's examples, before --max-per-task tak
 FEWSHOT_SEED = 1234  # example i draws its shots with random.Random(FEWSHOT_SEED + i)
 EXAMPLE_DELIMITER = "\n\n"  # after every few-shot example
 CHUNK_EXAMPLES = 8  # consecutive examples scored together (and the unit of work split over workers)
-BATCH_TOKENS = 8192  # at most this many (padded) tokens per forward
+BATCH_TOKENS = 8192  # on a GPU, at most this many (padded) tokens per forward
 SHARED_PREFIX_MIN = 256  # choices sharing this many tokens: the prefix goes through the model once
 CORE_DEFINITION = ("nanochat's CORE (DCLM's 22 tasks as nanochat scores them: examples shuffled with seed 1337, "
                    "few-shot draws Random(1234+i), choices scored past their common token prefix, mean of "
@@ -409,7 +411,12 @@ def shard_indices(num_examples, shard=0, num_shards=1, offset=0, chunk=CHUNK_EXA
     return [i for i in range(num_examples) if (i // chunk + offset) % num_shards == shard]
 
 
-def count_correct(model, tokenizer, data, task, device, indices, max_len=None, batch_tokens=BATCH_TOKENS,
+def default_batch_tokens(device) -> int:
+    """Padded tokens per forward: BATCH_TOKENS on a GPU, one example at a time on the CPU (see the module docstring)."""
+    return BATCH_TOKENS if torch.device(device).type == "cuda" else 1
+
+
+def count_correct(model, tokenizer, data, task, device, indices, max_len=None, batch_tokens=None,
                   shared_prefix_min=SHARED_PREFIX_MIN) -> tuple[int, int]:
     """(right answers, examples) over data[i] for i in indices (data: task_examples()), scored chunk by
     chunk (see the module docstring: batching never changes a result). max_len: see model_max_len."""
@@ -424,7 +431,8 @@ def count_correct(model, tokenizer, data, task, device, indices, max_len=None, b
         for i in members:
             prompts, gold = render_prompts(data, i, task)
             examples.append((crop(tokenize_prompts(tokenizer, prompts, task_type), max_len), gold))
-        correct += sum(score_examples(model, examples, task_type, device, batch_tokens, shared_prefix_min))
+        correct += sum(score_examples(model, examples, task_type, device, batch_tokens or default_batch_tokens(device),
+                                      shared_prefix_min))
     return correct, len(indices)
 
 

@@ -20,9 +20,10 @@ the three multiple-choice tasks and 0 for the two generative ones; reported only
 evaluated. SpellingBee is reported beside it, outside ChatCORE.
 
 Work split: --num-workers Ray tasks, each declaring its CPU (or GPU) share, each loading the model once
-and taking problems w, w + W, ... of every task. The counts do not depend on the split: each problem is
-scored alone (categorical batches are right-padded, which a causal model never sees; generative samples
-are seeded by the problem's index).
+and taking problems w, w + W, ... of every task. A problem's outcome depends on that problem alone
+(categorical batches are right-padded, which a causal model never sees; generative samples are seeded by
+the problem's index), so the counts do not depend on the split, up to float rounding: tests check Ray
+workers against one in-process pass, count by count.
 """
 import argparse
 
