@@ -5,9 +5,15 @@ loss and bpb curves as PNG plots).
     from nanochat.report import get_report
     get_report().log("base_train", {"settings": {...}, "results": {...}, "curves": {...}})
 
-A section's dict may hold "settings" and "results" (flat dicts, shown as lists), "curves"
-({"name": {"x": [...], "y": [...], "xlabel": ..., "ylabel": ...}}, plotted), and
-"wall_seconds" (summed into the total wall time). Sections are files, so a phase that ran in
+A section's dict may hold "settings" and "results" (flat dicts, shown as lists), "definitions"
+({metric: which definition it follows}, shown with the section and gathered under the summary table),
+"curves" ({"name": {"x": [...], "y": [...], "xlabel": ..., "ylabel": ...}}, plotted), and
+"wall_seconds" (summed into the total wall time).
+
+The summary's numbers and what they follow: CORE and ChatCORE are nanochat's (compare with its published
+GPT-2 CORE 0.2565, d20 CORE 0.2219 and ChatCORE 0.0884); bits per byte is shown twice, on the packed rows
+training sees and on nanochat's seed rows; SpellingBee is beside ChatCORE, not in it. The eval phases
+write the exact wording (base_eval, chat_eval), so the report states each number's definition. Sections are files, so a phase that ran in
 another process (a Ray task, a Train worker) logs with the same call.
 """
 import datetime
@@ -25,6 +31,7 @@ PHASES = [
     "tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train", "chat_eval_mid",
     "chat_sft", "chat_eval_sft", "chat_rl", "chat_eval_rl",
 ]
+BASE_METRICS = ["CORE", "val_bpb_packed", "val_bpb_nanochat"]
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 STAGES = {"base": "base_eval", "mid": "chat_eval_mid", "sft": "chat_eval_sft", "rl": "chat_eval_rl"}
 GPU_HOUR_USD = 3.0  # rough on-demand price of one H100 hour; the report says it is an estimate
@@ -59,7 +66,7 @@ class Report:
         lines += [f"- code: {code_size()}"]
         lines += [f"- GPU hours: {gpu_hours:.2f}, estimated cost ${gpu_hours * gpu_hour_usd:.2f} (at ${gpu_hour_usd:.2f}/GPU-hour, an estimate)"]
         lines += [f"- total wall time: {format_seconds(total_wall)}", ""]
-        lines += ["## Summary", ""] + summary_table(sections) + [""]
+        lines += ["## Summary", ""] + summary_table(sections) + [""] + definitions(sections)
         for name, data in sections.items():
             lines += self._section_markdown(name, data)
         out = self.directory / "report.md"
@@ -70,7 +77,7 @@ class Report:
         lines = [f"## {name}", ""]
         if "wall_seconds" in data:
             lines += [f"wall time: {format_seconds(float(data['wall_seconds']))}", ""]
-        for kind in ("settings", "results"):
+        for kind in ("settings", "results", "definitions"):
             if data.get(kind):
                 lines += [f"**{kind}**", ""] + [f"- {k}: {format_value(v)}" for k, v in data[kind].items()] + [""]
         if data.get("table"):  # preformatted markdown (e.g. tok_eval's comparison)
@@ -112,9 +119,28 @@ def summary_table(sections):
         return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
     stages = list(STAGES)
     rows = ["| metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
-    for key in ["CORE"] + CHAT_METRICS:
+    for key in BASE_METRICS + CHAT_METRICS:
         rows.append(f"| {key} | " + " | ".join(metric(s, key) for s in stages) + " |")
     return rows
+
+
+def definitions(sections):
+    """'What each number follows' under the summary table: the definitions the eval sections recorded,
+    once per metric, in pipeline order, and the training phases' validation bits per byte."""
+    from nanochat.loss_eval import BPB_PACKED_DEFINITION
+    found = {}
+    for name in STAGES.values():
+        for metric, text in sections.get(name, {}).get("definitions", {}).items():
+            found.setdefault(metric, text)
+    if "val_bpb" in sections.get("base_train", {}).get("results", {}):
+        found["val_bpb (base_train)"] = BPB_PACKED_DEFINITION + ", on each training worker's share of the documents"
+    chat = [p for p in ("mid_train", "chat_sft") if "val_bpb" in sections.get(p, {}).get("results", {})]
+    if chat:
+        found[f"val_bpb ({', '.join(chat)})"] = ("bits per byte of the phase's held-out conversations, on the tokens it "
+                                                 "trains on: not comparable with the base model's")
+    if not found:
+        return []
+    return ["Definitions:", ""] + [f"- {metric}: {text}" for metric, text in found.items()] + [""]
 
 
 def environment_info():

@@ -5,30 +5,34 @@ SpellingBee, spread over Ray tasks, and ChatCORE.
     python ray_jobs/chat_eval.py --phase mid --max-problems 100 --tasks ARC-Easy,GSM8K
     python ray_jobs/chat_eval.py --phase sft --num-samples 8 --temperature 0.8   # pass@8 on the generative tasks
 
-Categorical tasks (ARC, MMLU): the prompt is render_for_completion(conversation) (ending with
-<|assistant_start|>); the model's next-token logits are restricted to the ids of the conversation's
-answer letters and the most likely letter is the answer, whatever the model's favourite token is.
-Generative tasks (GSM8K, HumanEval, SpellingBee): the Engine samples --num-samples completions (with the
-calculator tool) and the problem passes if ANY of them passes task.evaluate (pass@N). Prompts longer
-than the model's context keep their most recent tokens (categorical: the last sequence_len; generative:
-the last sequence_len - max new tokens, where at most half the context is left for the answer).
+Categorical tasks (ARC, MMLU; prompts rendered as nanochat renders them, tasks/common.py render_mc): the
+prompt is render_for_completion(conversation) (ending with <|assistant_start|>); the model's next-token
+logits are restricted to the ids of the conversation's answer letters and the most likely letter is the
+answer, whatever the model's favourite token is. Generative tasks (GSM8K, HumanEval, SpellingBee): the
+Engine samples --num-samples completions (with the calculator tool) and the problem passes if ANY of them
+passes task.evaluate (pass@N). Prompts longer than the model's context keep their most recent tokens
+(categorical: the last sequence_len; generative: the last sequence_len - max new tokens, where at most half
+the context is left for the answer).
 
-ChatCORE is the mean over the evaluated tasks of the accuracy centered on chance,
-(accuracy - chance) / (1 - chance): 0 at chance, 1 for a perfect score. Chance is 0 for the generative
-tasks; for the multiple-choice ones it is the mean of 1/number-of-choices over the problems evaluated:
-exactly 0.25 for MMLU (4 choices), about 0.25 for ARC (3 to 5 choices per question).
+ChatCORE, as nanochat defined it in the release that published d20's 0.0884 after SFT: the mean over
+ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval of (accuracy - chance) / (1 - chance), chance 0.25 for
+the three multiple-choice tasks and 0 for the two generative ones; reported only when all five were
+evaluated. SpellingBee is reported beside it, outside ChatCORE.
 
 Work split: --num-workers Ray tasks, each declaring its CPU (or GPU) share, each loading the model once
-and taking problems w, w + W, ... of every task.
+and taking problems w, w + W, ... of every task. A problem's outcome depends on that problem alone
+(categorical batches are right-padded, which a causal model never sees; generative samples are seeded by
+the problem's index), so the counts do not depend on the split, up to float rounding: tests check Ray
+workers against one in-process pass, count by count.
 """
-import argparse
+from nanochat.common import ArgumentParser, SettingsError
 
 from ray_jobs.common import run_phase_script
 from ray_jobs.training import apply_preset
 
 TASK_NAMES = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 
-parser = argparse.ArgumentParser(description="Chat evaluation (ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE) on Ray")
+parser = ArgumentParser(description="Chat evaluation (ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE) on Ray")
 parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: CPU, 2 workers, a few problems per task")
 parser.add_argument("--phase", choices=["mid", "sft", "rl"], default="sft", help="which phase's checkpoint to evaluate")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the phase's latest)")
@@ -69,9 +73,19 @@ def load_task(name, max_problems=None, spelling_problems=256):
     }[name]()
 
 
-def chatcore(accuracies: dict, chance: dict) -> float:
-    """Mean over tasks of (accuracy - chance) / (1 - chance)."""
-    return sum((accuracies[t] - chance[t]) / (1 - chance[t]) for t in accuracies) / len(accuracies)
+# chance accuracy of the tasks ChatCORE averages (nanochat's baselines)
+CHATCORE_CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
+CHATCORE_DEFINITION = ("nanochat's ChatCORE: mean over ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval of (acc - chance) / "
+                       "(1 - chance), chance 0.25 for the multiple-choice tasks and 0 for the generative ones; compare with "
+                       "nanochat d20 SFT 0.0884. SpellingBee is reported beside it, outside ChatCORE")
+
+
+def chatcore(accuracies: dict):
+    """nanochat's ChatCORE from {task: accuracy}: the mean over the five CHATCORE_CHANCE tasks of the
+    accuracy centered on chance; other tasks (SpellingBee) are ignored. None unless all five are there."""
+    if not all(task in accuracies for task in CHATCORE_CHANCE):
+        return None
+    return sum((accuracies[t] - c) / (1 - c) for t, c in CHATCORE_CHANCE.items()) / len(CHATCORE_CHANCE)
 
 
 def letter_id(tokenizer, letter):
@@ -115,7 +129,8 @@ def generative_pass(engine, tokenizer, task, conversation, context, num_samples=
 
 def evaluate_share(spec, tasks, worker, num_workers):
     """One Ray task: problems worker, worker + num_workers, ... of every task, with the model loaded once.
-    Returns {task name: [(passed, chance), ...]}."""
+    Returns {task name: [passed, ...]} in problem order. (Called in-process with worker 0 of 1, it scores
+    everything.)"""
     import torch
     from nanochat.checkpoint import build_model
     from nanochat.common import setup_logging
@@ -136,22 +151,22 @@ def evaluate_share(spec, tasks, worker, num_workers):
         conversations = [task[i] for i in indices]
         if task.eval_type == "categorical":
             answers = categorical_answers(model, tokenizer, conversations, context, device, spec["batch_size"])
-            out[name] = [(task.evaluate(c, a), 1 / len(c["letters"])) for c, a in zip(conversations, answers)]
+            out[name] = [bool(task.evaluate(c, a)) for c, a in zip(conversations, answers)]
         else:
-            out[name] = [(generative_pass(engine, tokenizer, task, c, context, spec["num_samples"], spec["max_new_tokens"],
-                                          spec["temperature"], spec["top_k"], seed=spec["seed"] + i), 0.0)
+            out[name] = [generative_pass(engine, tokenizer, task, c, context, spec["num_samples"], spec["max_new_tokens"],
+                                         spec["temperature"], spec["top_k"], seed=spec["seed"] + i)
                          for i, c in zip(indices, conversations)]
-        passed = sum(p for p, _ in out[name])
+        passed = sum(out[name])
         log.info("chat_eval worker %d/%d: %s %d/%d passed", worker, num_workers, name, passed, len(out[name]))
     return out
 
 
 def main(args):
-    """Evaluate the checkpoint; returns {"ARC-Easy": accuracy, ..., "SpellingBee": accuracy, "ChatCORE": x}
-    (the tasks evaluated, then ChatCORE over them)."""
+    """Evaluate the checkpoint; returns {"ARC-Easy": accuracy, ..., "SpellingBee": accuracy, "ChatCORE": x,
+    "passed": {task: problems passed}, "problems": {task: problems}} (the tasks evaluated; ChatCORE only
+    when its five tasks are among them)."""
     import ray
     from nanochat.common import get_base_dir, setup_logging
-    from nanochat.tokenizer import get_tokenizer_dir
     from ray_jobs.common import init_ray, submit_task
     from ray_jobs.training import find_source
 
@@ -160,7 +175,7 @@ def main(args):
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     unknown = [n for n in names if n not in TASK_NAMES]
     if unknown or not names:
-        raise ValueError(f"unknown tasks {unknown}: choose from {', '.join(TASK_NAMES)}")
+        raise SettingsError(f"--tasks: unknown tasks {unknown}: choose from {', '.join(TASK_NAMES)}")
     storage = args.storage or str(get_base_dir())
     _, args.tag, args.step, ckpt_dir = find_source([args.phase], args.tag, args.step, storage)
     if args.num_samples > 1 and args.temperature == 0:
@@ -171,30 +186,42 @@ def main(args):
         args.device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
     args.cpus_per_worker = args.cpus_per_worker or (8 if args.device == "cuda" else 1)
     args.num_workers = args.num_workers or (int(resources.get("GPU", 0)) if args.device == "cuda" else 2)
-    spec = dict(ckpt_dir=str(ckpt_dir), step=args.step, tokenizer_dir=str(get_tokenizer_dir()), device=args.device,
-                cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, num_samples=args.num_samples,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    spec = worker_spec(args, ckpt_dir)
     log.info("chat_eval: %s step %d, %s, on %d workers", ckpt_dir, args.step,
              ", ".join(f"{n} ({len(t)})" for n, t in tasks.items()), args.num_workers)
     tasks_ref = ray.put(tasks)
     shares = ray.get([submit_task(evaluate_share, spec, tasks_ref, w, args.num_workers, num_cpus=args.cpus_per_worker,
                                   num_gpus=1 if args.device == "cuda" else 0, name=f"chat_eval_{w}")
                       for w in range(args.num_workers)])
-    accuracies, chance = {}, {}
+    passed = {name: sum(sum(share[name]) for share in shares) for name in names}
+    problems = {name: len(tasks[name]) for name in names}
+    results = {name: passed[name] / problems[name] for name in names}
     for name in names:
-        rows = [row for share in shares for row in share[name]]
-        accuracies[name] = sum(p for p, _ in rows) / len(rows)
-        chance[name] = sum(c for _, c in rows) / len(rows)
-        log.info("%s: %.4f (%d problems, chance %.4f)", name, accuracies[name], len(rows), chance[name])
-    results = {**accuracies, "ChatCORE": chatcore(accuracies, chance)}
-    log.info("ChatCORE: %.4f", results["ChatCORE"])
-    return results
+        log.info("%s: %.4f (%d/%d)", name, results[name], passed[name], problems[name])
+    score = chatcore(results)
+    if score is None:
+        log.info("ChatCORE needs all of %s: not computed", ", ".join(CHATCORE_CHANCE))
+    else:
+        results["ChatCORE"] = score
+        log.info("ChatCORE: %.4f", score)
+    return {**results, "passed": passed, "problems": problems}
+
+
+def worker_spec(args, ckpt_dir):
+    """What every evaluate_share needs to know: the checkpoint, the device and the sampling settings."""
+    from nanochat.tokenizer import get_tokenizer_dir
+    return dict(ckpt_dir=str(ckpt_dir), step=args.step, tokenizer_dir=str(get_tokenizer_dir()), device=args.device,
+                cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, num_samples=args.num_samples,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
 
 
 def report_section(results, args):
     settings = {k: getattr(args, k) for k in ("phase", "tag", "step", "max_problems", "num_samples", "temperature",
                                               "top_k", "max_new_tokens", "num_workers", "device")}
-    return {"settings": settings, "results": results}
+    return {"settings": settings, "results": results,
+            "definitions": {"ChatCORE": CHATCORE_DEFINITION,
+                            "tasks": "accuracy (pass@num_samples on GSM8K, HumanEval, SpellingBee); multiple choice "
+                                     "rendered as nanochat renders it, answered by the likeliest letter"}}
 
 
 if __name__ == "__main__":

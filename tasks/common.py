@@ -4,10 +4,10 @@ A task is a sequence of conversations {"messages": [...]} (the format of nanocha
 through a start/stop/step slice. TaskMixture shuffles several tasks together for training,
 TaskSequence chains them for a curriculum. Tasks that can be scored say how, by `eval_type`:
 
-  "categorical"  multiple choice. The assistant's answer is one letter of conversation["letters"]
-                 ("A", "B", ...). The evaluator renders the prompt (tokenizer.render_for_completion),
-                 restricts the next-token logits to the ids of those letters, and passes the most
-                 likely letter to evaluate().
+  "categorical"  multiple choice, rendered as nanochat renders it (render_mc). The assistant's answer
+                 is one letter of conversation["letters"] ("A", "B", ...). The evaluator renders the
+                 prompt (tokenizer.render_for_completion), restricts the next-token logits to the ids
+                 of those letters, and passes the most likely letter to evaluate().
   "generative"   the model samples a completion (text); evaluate() checks it.
 
 evaluate(conversation, completion) -> bool; reward(conversation, completion) -> float in [0, 1] (RL).
@@ -115,16 +115,22 @@ class TaskSequence(Task):
 LETTERS = "ABCDEFGHIJ"
 
 
-def render_mc(question, choices, preamble=None) -> str:
-    """The user prompt of a multiple-choice question: the question, then "A. ...", "B. ..." lines."""
-    lines = [preamble, ""] if preamble else []
-    lines += [question.strip(), ""]
-    lines += [f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices)]
-    lines += ["", "Answer with the letter of the correct choice."]
-    return "\n".join(lines)
+def render_mc(question, choices) -> str:
+    """The user prompt of a multiple-choice question, rendered as nanochat renders it:
+
+        Multiple Choice question: <question>
+        - <choice>=A
+        - <choice>=B
+
+        Respond only with the letter of the correct answer.
+
+    The letter comes after its choice (small models bind it better that way) with no space before it: the
+    assistant answers with the bare letter, and " A" and "A" are different tokens."""
+    lines = [f"Multiple Choice question: {question}"] + [f"- {choice}={letter}" for letter, choice in zip(LETTERS, choices)]
+    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
 
 
-def mc_conversation(question, choices, answer_index, preamble=None, **extra):
+def mc_conversation(question, choices, answer_index, **extra):
     """A multiple-choice conversation: the assistant answers with a single letter, and the conversation
     carries "letters", the letters the evaluator restricts the model's choice to."""
     if not 2 <= len(choices) <= len(LETTERS):
@@ -133,7 +139,7 @@ def mc_conversation(question, choices, answer_index, preamble=None, **extra):
         raise ValueError(f"answer index {answer_index} is not one of the {len(choices)} choices")
     letters = list(LETTERS[:len(choices)])
     messages = [
-        {"role": "user", "content": render_mc(question, choices, preamble)},
+        {"role": "user", "content": render_mc(question, choices)},
         {"role": "assistant", "content": letters[answer_index]},
     ]
     return {"messages": messages, "letters": letters, **extra}

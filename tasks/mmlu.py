@@ -24,9 +24,8 @@ MIRROR_AUX_SUBSTITUTE = ("validation", "dev")
 def mmlu_conversation(row):
     if "question" not in row and isinstance(row.get("train"), dict):
         row = row["train"]  # some exports of auxiliary_train nest each row under "train"
-    subject = row.get("subject") or ""
-    preamble = f"A multiple choice question about {subject.replace('_', ' ')}." if subject else None
-    return mc_conversation(row["question"], row["choices"], int(row["answer"]), preamble, subject=subject)
+    # the subject stays out of the prompt, as in nanochat's rendering
+    return mc_conversation(row["question"], row["choices"], int(row["answer"]), subject=row.get("subject") or "")
 
 
 def _files(split):

@@ -1,6 +1,5 @@
 """Chat evaluation: ChatCORE, categorical answers restricted to the letters, pass@N, and a run over Ray
 workers on a tiny checkpoint."""
-import math
 
 import pytest
 import torch
@@ -10,13 +9,15 @@ from tasks.common import mc_conversation
 from tiny_checkpoint import TAG, install, make_tiny_checkpoint
 
 
-def test_chatcore_is_the_mean_of_centered_accuracies():
-    accuracies = {"ARC-Easy": 0.625, "MMLU": 0.25, "GSM8K": 0.1, "HumanEval": 0.0}
-    chance = {"ARC-Easy": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
-    # (0.625 - 0.25) / 0.75 = 0.5; chance -> 0; 0.1; 0
-    assert chat_eval.chatcore(accuracies, chance) == pytest.approx((0.5 + 0 + 0.1 + 0) / 4)
-    assert chat_eval.chatcore({"MMLU": 1.0}, {"MMLU": 0.25}) == pytest.approx(1.0)
-    assert chat_eval.chatcore({"MMLU": 0.0}, {"MMLU": 0.25}) == pytest.approx(-1 / 3)  # below chance is negative
+def test_chatcore_is_nanochats_five_task_mean():
+    accuracies = {"ARC-Easy": 0.625, "ARC-Challenge": 0.25, "MMLU": 0.4, "GSM8K": 0.1, "HumanEval": 0.05, "SpellingBee": 0.9}
+    # by hand: (0.625 - 0.25) / 0.75 = 0.5; 0; (0.4 - 0.25) / 0.75 = 0.2; 0.1; 0.05; SpellingBee left out
+    assert chat_eval.chatcore(accuracies) == pytest.approx((0.5 + 0 + 0.2 + 0.1 + 0.05) / 5)
+    assert chat_eval.chatcore({**accuracies, "SpellingBee": 0.0}) == chat_eval.chatcore(accuracies)
+    assert chat_eval.chatcore({t: 0.25 if t in ("ARC-Easy", "ARC-Challenge", "MMLU") else 0.0 for t in accuracies}) == 0.0
+    assert chat_eval.chatcore({t: 1.0 for t in accuracies}) == pytest.approx(1.0)
+    assert chat_eval.chatcore({**accuracies, "MMLU": 0.0}) == pytest.approx((0.5 + 0 - 1 / 3 + 0.1 + 0.05) / 5)  # below chance
+    assert chat_eval.chatcore({t: a for t, a in accuracies.items() if t != "HumanEval"}) is None  # needs all five
 
 
 class Scripted(torch.nn.Module):
@@ -82,15 +83,26 @@ def tiny_sft(small_tokenizer, tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints"), "sft", small_tokenizer[0])
 
 
-def test_chat_eval_over_ray_workers(ray_cluster, tiny_sft, small_tokenizer):
+def test_chat_eval_over_ray_equals_in_process(ray_cluster, tiny_sft, small_tokenizer):
+    """Two Ray workers pass exactly the problems one in-process evaluate_share passes, task by task."""
     install(tiny_sft, small_tokenizer[0])
-    results = chat_eval.main(chat_eval.parser.parse_args([
-        "--phase", "sft", "--max-problems", "4", "--num-workers", "2", "--device", "cpu", "--cpus-per-worker", "1",
-        "--max-new-tokens", "8", "--num-samples", "2", "--temperature", "1.0"]))
-    assert list(results) == ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
-    for name in chat_eval.TASK_NAMES:
-        assert results[name] in (0.0, 0.25, 0.5, 0.75, 1.0), results  # 4 problems each
-    assert -1 <= results["ChatCORE"] <= 1 and math.isfinite(results["ChatCORE"])
+    args = chat_eval.parser.parse_args([
+        "--phase", "sft", "--max-problems", "6", "--num-workers", "2", "--device", "cpu", "--cpus-per-worker", "1",
+        "--max-new-tokens", "8", "--num-samples", "2", "--temperature", "1.0"])
+    results = chat_eval.main(args)
+    assert list(results) == chat_eval.TASK_NAMES + ["ChatCORE", "passed", "problems"]
+    tasks = {name: chat_eval.load_task(name, 6) for name in chat_eval.TASK_NAMES}
+    threads = torch.get_num_threads()
+    try:
+        local = chat_eval.evaluate_share(chat_eval.worker_spec(args, tiny_sft / "sft" / TAG), tasks, 0, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert results["passed"] == {name: sum(passed) for name, passed in local.items()}
+    assert results["problems"] == {name: 6 for name in chat_eval.TASK_NAMES}
+    assert all(results[name] == sum(local[name]) / 6 for name in chat_eval.TASK_NAMES)
+    assert results["ChatCORE"] == chat_eval.chatcore({name: sum(local[name]) / 6 for name in chat_eval.TASK_NAMES})
+    section = chat_eval.report_section(results, args)
+    assert section["results"]["ChatCORE"] == results["ChatCORE"] and "SpellingBee" in section["definitions"]["ChatCORE"]
 
 
 def test_chat_eval_names_what_is_missing(small_tokenizer):

@@ -7,7 +7,7 @@ import pytest
 from nanochat.common import DownloadError, download_file
 from nanochat.tokenizer import ConversationError, Tokenizer, validate_conversation
 from tasks.arc import ARC, arc_conversation
-from tasks.common import Task, TaskDataError, TaskMixture, TaskSequence, assistant_text
+from tasks.common import Task, TaskDataError, TaskMixture, TaskSequence, assistant_text, mc_conversation
 from tasks.customjson import IDENTITY_CONVERSATIONS, CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer
 from tasks.humaneval import HumanEval, extract_code
@@ -81,30 +81,47 @@ def test_task_conversations_render(name, tokenizer):
 
 # ---- multiple choice ----------------------------------------------------------------------------------
 
-def test_multiple_choice_letters_and_evaluate():
+def test_multiple_choice_renders_as_nanochat(mirror_dir):
+    """`- {choice}={letter}` lines, letter after its choice with no space before it; the answer is the
+    bare letter. Checked by hand on a made-up question, and against the raw rows of MMLU dev."""
+    conversation = mc_conversation("Which is a gas?", ["ice", "steam", "rock"], 1)
+    assert conversation["messages"] == [
+        {"role": "user", "content": "Multiple Choice question: Which is a gas?\n- ice=A\n- steam=B\n- rock=C\n\n"
+                                    "Respond only with the letter of the correct answer."},
+        {"role": "assistant", "content": "B"}]
+    assert conversation["letters"] == ["A", "B", "C"]
+    raw = {row["question"]: row for row in map(json.loads, (mirror_dir / "mmlu" / "mmlu_dev.jsonl").read_text().splitlines())}
     task = MMLU("dev", subject="astronomy")
     assert task.eval_type == "categorical" and len(task) == 5
+    for conversation in task:
+        prompt = conversation["messages"][0]["content"]
+        row = raw[prompt.split("\n- ")[0].removeprefix("Multiple Choice question: ")]
+        lines = [f"- {c}={'ABCD'[i]}" for i, c in enumerate(row["choices"])]
+        assert prompt == "\n".join([f"Multiple Choice question: {row['question']}"] + lines) + \
+            "\n\nRespond only with the letter of the correct answer."  # no subject line, as in nanochat
+        assert conversation["messages"][1]["content"] == "ABCD"[row["answer"]] and conversation["subject"] == "astronomy"
+
+
+def test_multiple_choice_letters_and_evaluate():
+    task = MMLU("dev", subject="astronomy")
     conversation = task[0]
     assert conversation["letters"] == ["A", "B", "C", "D"]
     answer = conversation["messages"][-1]["content"]
-    prompt = conversation["messages"][0]["content"]
-    assert "astronomy" in prompt and "\nA. " in prompt and "\nD. " in prompt
     assert task.evaluate(conversation, answer) and task.evaluate(conversation, f" {answer}.")
     assert not task.evaluate(conversation, next(letter for letter in conversation["letters"] if letter != answer))
     # ARC labels choices 1..4 in some rows; we always show letters
     row = {"id": "x", "question": "Pick three.", "choices": {"label": ["1", "2", "3"], "text": ["one", "two", "three"]}, "answerKey": "3"}
     conversation = arc_conversation(row)
     assert conversation["letters"] == ["A", "B", "C"] and conversation["messages"][-1]["content"] == "C"
-    assert "C. three" in conversation["messages"][0]["content"]
+    assert conversation["messages"][0]["content"] == ("Multiple Choice question: Pick three.\n- one=A\n- two=B\n- three=C\n\n"
+                                                      "Respond only with the letter of the correct answer.")
 
 
 def test_mmlu_auxiliary_substitute_does_not_overlap_test():
-    def question(conversation):  # the prompt without the subject line
-        return conversation["messages"][0]["content"].split("\n\n", 1)[1]
-    test_questions = {question(c) for c in MMLU("test").conversations}
+    test_prompts = {c["messages"][0]["content"] for c in MMLU("test").conversations}
     aux = MMLU("auxiliary_train")
     assert len(aux) == 1531 + 285 - 42  # minus the 42 questions MMLU repeats in test
-    assert not test_questions & {question(c) for c in aux}
+    assert not test_prompts & {c["messages"][0]["content"] for c in aux}
 
 
 # ---- GSM8K --------------------------------------------------------------------------------------------
