@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from nanochat.adamw import DistAdamW
 from nanochat.common import atomic_write, atomic_write_text, get_base_dir, get_dist_info, logger
+from nanochat.engine import inference_dtype
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.muon import DistMuon
 
@@ -153,7 +154,8 @@ def check_meta(meta, expect_config=None, expect_tokenizer=None, where=""):
 
 def build_model(ckpt_dir, step, device, phase="eval", expect_config=None, expect_tokenizer=None):
     """Rebuild the model saved at `step` on `device`, ready for phase "train" (model.train()) or "eval"
-    (model.eval()). Returns (model, meta). Raises CheckpointError on a mismatch or a damaged file."""
+    (model.eval(), its weights in inference_dtype: bf16 on GPUs). Returns (model, meta). Raises
+    CheckpointError on a mismatch or a damaged file."""
     assert phase in ("train", "eval"), f"phase is 'train' or 'eval', got {phase!r}"
     meta = load_meta(ckpt_dir, step)
     check_meta(meta, expect_config, expect_tokenizer, where=str(step_dir(ckpt_dir, step)))
@@ -161,8 +163,10 @@ def build_model(ckpt_dir, step, device, phase="eval", expect_config=None, expect
     with torch.device("meta"):
         model = GPT(GPTConfig(**meta["model_config"]))
     model.to_empty(device=device)
-    model.init_rotary()  # derived tables are not in the checkpoint
-    model.load_state_dict(state)
+    if phase == "eval":  # weights in the dtype inference computes in: bf16 on GPUs, fp32 on the CPU
+        model.to(dtype=inference_dtype(device))
+    model.init_rotary()  # derived tables are not in the checkpoint (built in fp32)
+    model.load_state_dict(state)  # copies (and casts) the saved weights in
     model.train(phase == "train")
     return model, meta
 
