@@ -174,7 +174,7 @@ def main():
     for n in batch_sizes:
         cases[f"engine_{n}"] = lambda n=n: bench_engine(engine, prompt, n, device)
         for name, options in decoders.items():
-            decoder = BatchDecoder(model, tokenizer, max_batch=n, max_seq_len=args.prompt_len + args.max_tokens, **options)
+            decoder = BatchDecoder(model, tokenizer, n, args.prompt_len + args.max_tokens, **options)
             cases[f"{name}_{n}"] = lambda n=n, decoder=decoder: bench_decoder(decoder, ragged[n], device)
     timings = best_of(cases)
     result = {"bench": "engine", "depth": args.depth, "params": model.num_params()["total"], "prompt_len": args.prompt_len,

@@ -13,7 +13,9 @@ KV cache protocol (what GPT.forward relies on), for a forward of B rows and T ne
   the caller fixes, so that no shape depends on the positions). Past a row's own end these slots hold
   stale keys (or zeros), so when rows differ the model masks them out: new token t of row b sees keys
   0 .. pos[b] + t;
-- positions advance once the last layer has inserted, so every layer of one forward sees the same offsets.
+- positions advance once the last layer has inserted, so every layer of one forward sees the same offsets;
+- a cache with `last_logits_only` set gets logits for the last position only, (B, 1, vocab): a prefill
+  samples from nothing else, and the head over every prompt position is most of a small model's prefill.
 A forward of B rows uses the cache's first B rows: a KVCache decoder keeps its live rows packed at the top
 (`remove_row` moves the last live row into a freed one) and forwards only those; a StaticKVCache is always
 forwarded whole (fixed slots; free ones compute filler nobody reads).
@@ -59,18 +61,19 @@ class KVCache:
     number of tokens each row holds. Storage is allocated on the first insert, with the device and dtype
     of the keys the model produces (bf16 under autocast on GPU, fp32 on CPU), and grows when a sequence
     outgrows it. Positions live on the CPU: the host decides what each row is fed, so reading them never
-    waits on the GPU."""
+    waits on the GPU. last_logits_only: see the protocol above (for prefills)."""
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, last_logits_only=False):
         self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
+        self.last_logits_only = last_logits_only
         self.kv = None
         self.pos = torch.zeros(batch_size, dtype=torch.long)  # tokens cached, per row
         self._write = None  # where this forward's new keys go, worked out by layer 0 for every layer
 
     @classmethod
-    def for_model(cls, model, batch_size, seq_len):
+    def for_model(cls, model, batch_size, seq_len, last_logits_only=False):
         cfg = model.config
-        return cls(batch_size, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer)
+        return cls(batch_size, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer, last_logits_only)
 
     def reset(self):
         self.pos.zero_()
@@ -451,7 +454,8 @@ class Engine:
             return
         device = _device(model)
         rng = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache.for_model(model, 1, len(prompt) + (max_tokens if num_samples == 1 else 0))
+        length = len(prompt) + (max_tokens if num_samples == 1 else 0)
+        cache = KVCache.for_model(model, 1, length, last_logits_only=True)
         logits = model(torch.tensor([prompt], device=device), kv_cache=cache)[:, -1].expand(num_samples, -1)
         if num_samples > 1:
             shared, cache = cache, KVCache.for_model(model, num_samples, len(prompt) + max_tokens)
@@ -717,7 +721,7 @@ class BatchDecoder:
         return self._weights
 
     def _start_prefill(self, req):
-        req.prefill_cache = KVCache.for_model(self.model, 1, len(req.prompt))
+        req.prefill_cache = KVCache.for_model(self.model, 1, len(req.prompt), last_logits_only=True)
         if self.pool:
             req.weights = self._current_weights()
             found = self.pool.match(req.prompt, len(req.prompt) - 1)  # the last token is fed: its logits

@@ -202,6 +202,8 @@ class GPT(nn.Module):
             x = norm(self.transformer.wte(idx))
             for block in self.transformer.h:
                 x = block(x, cos, sin, kv_cache, attn_mask)
+            if getattr(kv_cache, "last_logits_only", False):  # a prefill samples from its last position only
+                x = x[:, -1:]
             logits = self.lm_head(norm(x))
         logits = logits[..., :self.config.vocab_size].float()  # padded ids are never predicted
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -233,8 +233,8 @@ def build_api(engine: EngineClient, config: ApiConfig) -> FastAPI:
         replicas = await engine.broadcast("stats")
         total = {k: sum(r[k] for r in replicas) for k in SUMMED_STATS}
         total["max_active"] = max((r["max_active"] for r in replicas), default=0)
-        prompt_tokens = total["prefix_cache_prompt_tokens"]
-        total["prefix_cache_hit_rate"] = round(total["prefix_cache_tokens_saved"] / prompt_tokens, 4) if prompt_tokens else 0.0
+        saved, prompt_tokens = total["prefix_cache_tokens_saved"], total["prefix_cache_prompt_tokens"]
+        total["prefix_cache_hit_rate"] = round(saved / prompt_tokens, 4) if prompt_tokens else 0.0
         return {"replicas": replicas, "total": total}
 
     @app.get("/v1/models")

@@ -16,8 +16,8 @@ from nanochat import chat_cli
 from nanochat.checkpoint import checkpoint_dir, save_checkpoint
 from nanochat.common import get_base_dir
 from nanochat import engine as engine_module
-from nanochat.engine import (BatchDecoder, Engine, KVCache, PrefixCache, TextStream, cast_for_inference, inference_dtype,
-                             philox_2x32, philox_uniform, sample_rows)
+from nanochat.engine import (BatchDecoder, Engine, KVCache, PrefixCache, TextStream, cast_for_inference,
+                             inference_dtype, philox_2x32, philox_uniform, sample_rows)
 from nanochat.gpt import GPTConfig, create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -421,10 +421,13 @@ def test_prefix_blocks_give_the_full_prefills_logits(model, tok):
     pool.store(a.tolist(), one.kv[:, :, 0])
     found = pool.match(b.tolist(), len(b) - 1)
     assert len(found) == 3  # 13 tokens shared: 3 full blocks of 4
-    cache = KVCache.for_model(model, 1, len(b))
-    cache.load_prefix(pool.load(found))
-    assert cache.get_pos() == 12
-    torch.testing.assert_close(model(b[None, 12:], kv_cache=cache)[0], model(b[None])[0, 12:], atol=KV_ATOL, rtol=0)
+    full = model(b[None])[0]
+    for last_only in (False, True):
+        cache = KVCache.for_model(model, 1, len(b), last_logits_only=last_only)
+        cache.load_prefix(pool.load(found))
+        assert cache.get_pos() == 12
+        want = full[-1:] if last_only else full[12:]  # a prefill's cache asks for the last position only
+        torch.testing.assert_close(model(b[None, 12:], kv_cache=cache)[0], want, atol=KV_ATOL, rtol=0)
 
 
 def test_prefix_cache_evicts_least_recently_used_leaves_first(model):
