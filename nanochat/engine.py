@@ -214,7 +214,9 @@ class PrefixCache:
 
     def __init__(self, max_bytes, block_size=16):
         self.max_bytes, self.block_size = int(max_bytes), block_size
-        self.blocks = None  # (num_blocks, n_layer, 2, n_kv_head, block_size, head_dim), at the first store
+        # (n_layer, 2, n_kv_head, num_blocks, block_size, head_dim), at the first store: the cache's layout
+        # with positions cut into blocks, so the blocks of a hit gather into one sequence with no reshuffle
+        self.blocks = None
         self.index = OrderedDict()  # chained hash -> block number, least recently used first
         self.free = []
         self.counts = dict(lookups=0, hits=0, tokens_looked_up=0, tokens_saved=0, evictions=0)
@@ -249,9 +251,7 @@ class PrefixCache:
 
     def load(self, found):
         """The keys and values of those blocks as one sequence: (n_layer, 2, n_kv_head, tokens, head_dim)."""
-        kv = self.blocks[torch.tensor(found, device=self.blocks.device)]  # (n, L, 2, H, block, D)
-        n, L, _, H, bs, D = kv.shape
-        return kv.permute(1, 2, 3, 0, 4, 5).reshape(L, 2, H, n * bs, D)
+        return self.blocks.index_select(3, torch.tensor(found, device=self.blocks.device)).flatten(3, 4)
 
     def store(self, tokens, kv):
         """Keep the full blocks of `tokens`, whose keys and values are kv[:, :, :, :len(tokens)] (kv:
@@ -260,9 +260,9 @@ class PrefixCache:
         bs = self.block_size
         if self.blocks is None:
             block_bytes = L * 2 * H * bs * D * kv.element_size()
-            self.blocks = kv.new_empty((self.max_bytes // block_bytes, L, 2, H, bs, D))
-            self.free = list(range(self.blocks.size(0)))[::-1]
-        keys = self._keys(tokens, min(len(tokens) // bs, self.blocks.size(0)))
+            self.blocks = kv.new_empty((L, 2, H, self.max_bytes // block_bytes, bs, D))
+            self.free = list(range(self.blocks.size(3)))[::-1]
+        keys = self._keys(tokens, min(len(tokens) // bs, self.blocks.size(3)))
         chain = set(keys)
         self._touch([key for key in keys if key in self.index])  # this chain's blocks are the last to go
         new = []  # (block index in the sequence, block number in the pool)
@@ -279,19 +279,19 @@ class PrefixCache:
             self.index[key] = self.free.pop()
             new.append((i, self.index[key]))
         if new:
-            sequence = kv[:, :, :, :len(keys) * bs].unflatten(3, (len(keys), bs)).permute(3, 0, 1, 2, 4, 5)
+            sequence = kv[:, :, :, :len(keys) * bs].unflatten(3, (len(keys), bs))  # (L, 2, H, blocks, block, D)
             where, slots = (torch.tensor(x, device=kv.device) for x in zip(*new))
-            self.blocks[slots] = sequence[where]
+            self.blocks[:, :, :, slots] = sequence[:, :, :, where]
         self._touch(keys)
 
     def clear(self):
         self.index.clear()
         if self.blocks is not None:
-            self.free = list(range(self.blocks.size(0)))[::-1]
+            self.free = list(range(self.blocks.size(3)))[::-1]
 
     def stats(self):
         c = self.counts
-        capacity = 0 if self.blocks is None else self.blocks.size(0)
+        capacity = 0 if self.blocks is None else self.blocks.size(3)
         mb = 0.0 if self.blocks is None else self.blocks.numel() * self.blocks.element_size() / 2**20
         return {**c, "hit_rate": round(c["tokens_saved"] / c["tokens_looked_up"], 4) if c["tokens_looked_up"] else 0.0,
                 "blocks": len(self.index), "capacity_blocks": capacity, "block_size": self.block_size,

@@ -181,7 +181,8 @@ class GPT(nn.Module):
         (B, T) are given (ignore index -1; reduction "mean", "sum" or "none" -> (B, T))."""
         B, T = idx.size()
         # tokens already cached = rotary offset of the first new token: an int when every row holds the
-        # same number (training, prefill, lockstep sampling), else a (B,) CPU tensor, one per row
+        # same number (training, prefill, lockstep sampling), else a (B,) tensor, one per row (on the CPU; on
+        # the device for a static-shape cache)
         T0 = 0 if kv_cache is None else kv_cache.get_pos(B)
         # keys attention sees: up to the furthest row's end, or the length a static-shape cache fixes (its
         # positions stay on the device, unread: no host sync, so the step can be captured as a CUDA graph)

@@ -15,7 +15,7 @@ from serve_app.api import ApiConfig, Ingress
 from serve_app.engine import EngineReplica
 
 APP_NAME = "nanochat"
-PREFILL_CHUNK = 256  # measured: bench/results/serve_engine_cpu-2core.json
+PREFILL_CHUNK = 128  # measured (CPU, depth 4): bench/results/serve_engine_cpu-2core.json, "long_prompt"
 
 
 def parser():
