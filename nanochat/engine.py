@@ -84,7 +84,8 @@ class KVCache:
         first = int(pos[0])
         return first if bool((pos == first).all()) else pos.clone()
 
-    def _ensure_capacity(self, length, like):
+    def reserve(self, length, like):
+        """Storage for at least `length` positions (allocated with the dtype and device of `like`)."""
         if self.kv is None:
             self.kv = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
         capacity = self.kv.size(4)
@@ -106,7 +107,7 @@ class KVCache:
                 rows = torch.arange(B, device=k.device)[:, None]
                 cols = (pos[:, None] + torch.arange(T)).to(k.device)
                 self._write = ((rows, cols), int(pos.max()) + T)
-            self._ensure_capacity(self._write[1], k)
+            self.reserve(self._write[1], k)
         where, end = self._write
         for i, new in enumerate((k, v)):
             if isinstance(where, int):
@@ -127,18 +128,10 @@ class KVCache:
         oL, _, oB, oH, _, oD = other.kv.shape
         assert (L, H, D) == (oL, oH, oD), f"caches differ in layers/heads/head_dim: {self.shape} vs {other.kv.shape}"
         assert oB == 1 or (row is None and oB == B), f"can only prefill from batch 1 (or the same batch), got {oB}"
-        self._ensure_capacity(n, other.kv)
+        self.reserve(n, other.kv)
         rows = slice(None) if row is None else slice(row, row + 1)
         self.kv[:, :, rows, :, :n] = other.kv[:, :, :, :, :n]  # broadcasts batch 1 -> B
         self.pos[rows] = n
-
-    def load_prefix(self, kv):
-        """Start every row with the same cached tokens: kv (n_layer, 2, n_kv_head, n, head_dim), e.g. blocks
-        from a PrefixCache; the rows then hold exactly those n tokens."""
-        n = kv.size(3)
-        self._ensure_capacity(n, kv)
-        self.kv[:, :, :, :, :n] = kv[:, :, None]
-        self.pos[:] = n
 
     def remove_row(self, row, rows):
         """Free `row` among the first `rows` live rows: the last live row moves into it (keys and values
@@ -156,8 +149,9 @@ class StaticKVCache:
     slots of seq_len positions, allocated at the first write (with the dtype and device of the keys) and
     never grown. Positions and the mask of slots in use (`active`) live on the device and are written by the
     caller; so is `key_len`, how many positions attention reads (the caller knows every row's length
-    without reading the device). A free slot's position stays 0: its filler only overwrites its own first
-    position, which the next request to take the slot overwrites in turn."""
+    without reading the device). A free slot sits at the last position, which no token of a request ever
+    occupies (a request ends before its sequence fills the cache): its filler overwrites nothing, not even a
+    prompt being prefilled into that slot between steps."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device):
         self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
@@ -176,14 +170,15 @@ class StaticKVCache:
         assert rows in (None, self.shape[2]), f"a static cache forwards all its {self.shape[2]} slots, not {rows}"
         return self.pos
 
-    def _ensure_storage(self, like):
+    def reserve(self, length, like):
+        assert length <= self.shape[4], f"{length} positions do not fit a static cache of {self.shape[4]}"
         if self.kv is None:
             self.kv = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
 
     def insert_kv(self, layer_idx, k, v):
         B, H, T, D = k.size()
         if layer_idx == 0:
-            self._ensure_storage(k)
+            self.reserve(0, k)
             cols = self.pos[:, None] + torch.arange(T, device=k.device)  # (B, T), on the device
             self._index = cols[:, None, :, None].expand(B, H, T, D)
         self.kv[layer_idx, 0].scatter_(2, self._index, k)
@@ -192,11 +187,39 @@ class StaticKVCache:
             self.pos.add_(self.active * T)
         return self.kv[layer_idx, 0, :, :, :self.key_len], self.kv[layer_idx, 1, :, :, :self.key_len]
 
-    def write_row(self, row, other):
-        """Copy a batch-1 cache's tokens into slot `row` (a request joining); its position is the caller's."""
-        n = other.get_pos()
-        self._ensure_storage(other.kv)
-        self.kv[:, :, row, :, :n] = other.kv[:, :, 0, :, :n]
+
+
+class RowCache:
+    """One row of a batch cache (KVCache or StaticKVCache) seen as a batch-1 cache at its own position (the
+    protocol above): a prompt is prefilled, and its cached prefix copied, straight into the row its request
+    then decodes from. A prefill samples from its last position only (last_logits_only)."""
+    last_logits_only = True
+
+    def __init__(self, cache, row):
+        self.cache, self.row, self.pos = cache, row, 0
+
+    def get_pos(self, rows=None):
+        return self.pos
+
+    def kv(self):
+        """This row's keys and values: (n_layer, 2, n_kv_head, positions, head_dim)."""
+        return self.cache.kv[:, :, self.row]
+
+    def insert_kv(self, layer_idx, k, v):
+        end = self.pos + k.size(2)
+        self.cache.reserve(end, k)
+        kv = self.cache.kv[layer_idx, :, self.row:self.row + 1]  # (2, 1, n_kv_head, positions, head_dim)
+        kv[0, :, :, self.pos:end] = k
+        kv[1, :, :, self.pos:end] = v
+        if layer_idx == self.cache.kv.size(0) - 1:
+            self.pos = end
+        return kv[0, :, :, :end], kv[1, :, :, :end]
+
+    def load(self, pool, found):
+        """Start from those PrefixCache blocks: the row then holds their tokens."""
+        self.pos = len(found) * pool.block_size
+        self.cache.reserve(self.pos, pool.blocks)
+        pool.copy_into(found, self.kv())
 
 
 class PrefixCache:
@@ -249,9 +272,19 @@ class PrefixCache:
         c["tokens_saved"] += len(found) * self.block_size
         return found
 
-    def load(self, found):
-        """The keys and values of those blocks as one sequence: (n_layer, 2, n_kv_head, tokens, head_dim)."""
-        return self.blocks.index_select(3, torch.tensor(found, device=self.blocks.device)).flatten(3, 4)
+    def copy_into(self, found, kv):
+        """Copy those blocks, as one sequence, to the start of kv (n_layer, 2, n_kv_head, positions, head_dim):
+        one pass, a slice per run of consecutive block numbers (a chain's blocks mostly are)."""
+        runs = []  # [first block number, count]
+        for b in found:
+            if runs and runs[-1][0] + runs[-1][1] == b:
+                runs[-1][1] += 1
+            else:
+                runs.append([b, 1])
+        bs, start = self.block_size, 0
+        for first, count in runs:
+            kv[:, :, :, start * bs:(start + count) * bs] = self.blocks[:, :, :, first:first + count].flatten(3, 4)
+            start += count
 
     def store(self, tokens, kv):
         """Keep the full blocks of `tokens`, whose keys and values are kv[:, :, :, :len(tokens)] (kv:
@@ -530,9 +563,9 @@ def _top_k_bound(reqs, vocab_size, bucket=False):
 
 
 class _StaticDecode:
-    """The decode step at fixed shapes (BatchDecoder's static path): one slot per request, for its whole
-    life, in a StaticKVCache; the tokens to feed and every slot's position and sampling settings live in
-    device buffers; one step is the model's forward of every slot + sample_rows + advancing the buffers,
+    """The decode step at fixed shapes (BatchDecoder's static path): one slot per request, from its prefill
+    to its end, in a StaticKVCache; the tokens to feed and every slot's position and sampling settings live
+    in device buffers; one step is the model's forward of every slot + sample_rows + advancing the buffers,
     all on the device. The host only reads the sampled ids back, and writes the buffers on the steps after
     a request joined or left or a tool forced a token. With cuda_graphs, each variant of the step (keys read,
     rounded up to KEY_LEN_STEP; top-k bound) is captured once and replayed."""
@@ -546,31 +579,40 @@ class _StaticDecode:
         self.state = torch.zeros(6, max_batch, dtype=torch.long, device=device)
         self.tokens, self.cache.pos, self.cache.active, self.steps, self.top_k, self.seeds = self.state.unbind(0)
         self.temperature = torch.zeros(max_batch, device=device)
-        self.slots = [None] * max_batch
+        self.slots = [None] * max_batch  # the request holding each slot, prefilling or decoding
+        self.decoding = set()  # the slots decoding
         self.dirty = False  # the buffers lag the requests: written before the next step
         self.longest = 0  # tokens cached in the fullest slot, known on the host
         self.bound = (0, False)  # sample_rows' (k_max, full) for the slots' settings
         self.graphs = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
-    def join(self, req):
+    def reserve(self, req):
+        """A slot for a request about to prefill its prompt (into the slot, between decode steps)."""
         req.slot = self.slots.index(None)
         self.slots[req.slot] = req
-        self.cache.write_row(req.slot, req.prefill_cache)
+        return req.slot
+
+    def join(self, req):
+        self.decoding.add(req.slot)
         self.dirty = True
 
     def leave(self, req):
         self.slots[req.slot] = None
+        self.decoding.discard(req.slot)
         self.dirty = True
 
-    def row_kv(self, req):
-        return self.cache.kv[:, :, req.slot]
+    def _live(self):
+        return [self.slots[slot] for slot in sorted(self.decoding)]
 
     def _write_buffers(self):
-        live = [r for r in self.slots if r is not None]
-        rows = [(r.last, r.cached, 1, r.generated, r.top_k, r.seed) if r else (0,) * 6 for r in self.slots]
+        live = self._live()
+        scratch = self.cache.shape[4] - 1  # where a free or prefilling slot's filler goes
+        rows = [(r.last, r.cached, 1, r.generated, r.top_k, r.seed) if slot in self.decoding else (0, scratch, 0, 0, 0, 0)
+                for slot, r in enumerate(self.slots)]
         self.state.copy_(torch.tensor(rows, dtype=torch.long).T)
-        self.temperature.copy_(torch.tensor([r.temperature if r else 0.0 for r in self.slots]))
+        self.temperature.copy_(torch.tensor([r.temperature if slot in self.decoding else 0.0
+                                             for slot, r in enumerate(self.slots)]))
         self.longest = max((r.cached for r in live), default=0)
         self.bound = _top_k_bound(live, self.vocab_size, bucket=True)
         self.dirty = False
@@ -600,8 +642,8 @@ class _StaticDecode:
         graph.replay()
 
     def step(self):
-        """Feed every request in a slot its last token; returns [(request, sampled id)]."""
-        live = [r for r in self.slots if r is not None]
+        """Feed every decoding request its last token; returns [(request, sampled id)]."""
+        live = self._live()
         if not live:
             return []
         if self.dirty:
@@ -620,7 +662,7 @@ class _StaticDecode:
 class BatchDecoder:
     """A slot-based batched decoder for continuous batching (plain torch; the serving layer drives it).
 
-        decoder = BatchDecoder(model, tokenizer, max_batch=32, prefill_chunk=256, prefix_cache_mb=512)
+        decoder = BatchDecoder(model, tokenizer, max_batch=32, prefill_chunk=64, prefix_cache_mb=512)
         decoder.add("a", prompt_ids, max_tokens=256, temperature=0.7)   # False when every slot is busy
         while decoder.stats()["requests"]:
             for request_id, token, finished in decoder.step(): ...
@@ -701,6 +743,8 @@ class BatchDecoder:
         if req in self.pending:
             self.pending.remove(req)
             del self.requests[request_id]
+            if req.slot is not None:  # its static slot, reserved for the prefill
+                self.static.leave(req)
         else:
             self._free(req)
         return True
@@ -720,14 +764,24 @@ class BatchDecoder:
                 self.pool.clear()
         return self._weights
 
-    def _start_prefill(self, req):
-        req.prefill_cache = KVCache.for_model(self.model, 1, len(req.prompt), last_logits_only=True)
+    def _start_prefill(self, req, budget, joining):
+        """Where the prompt is prefilled: straight into the row it will decode from when it can (its static
+        slot; the next free row when the rest fits this step's budget: `joining` others complete before it),
+        else a batch-1 cache of its own (a long prompt, over steps in which rows move); the prefix cache's
+        hit is copied in first."""
+        found = []
         if self.pool:
             req.weights = self._current_weights()
             found = self.pool.match(req.prompt, len(req.prompt) - 1)  # the last token is fed: its logits
-            if found:
-                req.prefill_cache.load_prefix(self.pool.load(found))
-                req.cached = len(found) * self.pool.block_size
+        rest = len(req.prompt) - len(found) * (self.pool.block_size if self.pool else 0)
+        if self.static:
+            req.prefill_cache = RowCache(self.cache, self.static.reserve(req))
+        elif rest <= budget:
+            req.prefill_cache = RowCache(self.cache, len(self.rows) + joining)
+        else:
+            req.prefill_cache = RowCache(KVCache.for_model(self.model, 1, len(req.prompt)), 0)
+        if found:
+            req.prefill_cache.load(self.pool, found)
 
     def _keep(self, req, tokens, kv):
         """Leave this request's keys/values in the pool, unless other weights computed some of them."""
@@ -756,32 +810,40 @@ class BatchDecoder:
         while self.pending and budget > 0:
             req = self.pending[0]
             if req.prefill_cache is None:
-                self._start_prefill(req)
-            n = int(min(len(req.prompt) - req.cached, budget))
-            chunk = torch.tensor([req.prompt[req.cached:req.cached + n]], device=self.device)
-            logits = self.model(chunk, kv_cache=req.prefill_cache)[:, -1]
-            req.cached += n
+                self._start_prefill(req, budget, len(done))
+            target = req.prefill_cache
+            n = int(min(len(req.prompt) - target.pos, budget))
+            chunk = torch.tensor([req.prompt[target.pos:target.pos + n]], device=self.device)
+            logits = self.model(chunk, kv_cache=target)[:, -1]
+            req.cached = target.pos
             budget -= n
             self.tokens_prefilled += n
             if req.cached < len(req.prompt):
                 break
             self.pending.popleft()
-            self._keep(req, req.prompt, req.prefill_cache.kv[:, :, 0])
+            self._keep(req, req.prompt, target.kv())
             done.append((req, logits))
         return done
 
     def _join(self, req):
+        """A request whose prompt is cached starts decoding (in this step's order: it takes the next row)."""
+        target, n = req.prefill_cache, len(req.prompt)
         if self.static:
             self.static.join(req)
         else:
-            self.cache.prefill(req.prefill_cache, row=len(self.rows))
+            row = len(self.rows)
+            if target.cache is not self.cache:  # prefilled over several steps in its own cache: copy it in
+                self.cache.reserve(n, target.cache.kv)
+                self.cache.kv[:, :, row, :, :n] = target.kv()[:, :, :, :n]
+            assert target.cache is not self.cache or target.row == row
+            self.cache.pos[row] = n
             self.rows.append(req)
         req.prefill_cache = None
 
     def _free(self, req):
         del self.requests[req.request_id]
         if self.static:
-            self._keep(req, req.tokens[:req.cached], self.static.row_kv(req))
+            self._keep(req, req.tokens[:req.cached], self.cache.kv[:, :, req.slot])
             self.static.leave(req)
             return
         row = self.rows.index(req)

@@ -16,7 +16,7 @@ from nanochat import chat_cli
 from nanochat.checkpoint import checkpoint_dir, save_checkpoint
 from nanochat.common import get_base_dir
 from nanochat import engine as engine_module
-from nanochat.engine import (BatchDecoder, Engine, KVCache, PrefixCache, TextStream, cast_for_inference,
+from nanochat.engine import (BatchDecoder, Engine, KVCache, PrefixCache, RowCache, TextStream, cast_for_inference,
                              inference_dtype, philox_2x32, philox_uniform, sample_rows)
 from nanochat.gpt import GPTConfig, create_model
 
@@ -409,8 +409,8 @@ def test_sample_rows_one_row_never_depends_on_the_others():
 # ---- prefix cache and chunked prefill ------------------------------------------------------------------
 
 def test_prefix_blocks_give_the_full_prefills_logits(model, tok):
-    """Keys/values stored in the pool and copied into a new prompt's cache: the rest of that prompt gets the
-    logits of prefilling it whole."""
+    """Keys/values stored in the pool and copied into a new prompt's cache (a row of a batch cache, as the
+    decoder prefills): the rest of that prompt gets the logits of prefilling it whole."""
     V = tok.get_vocab_size()
     g = torch.Generator().manual_seed(3)
     a = torch.randint(0, V, (23,), generator=g)
@@ -422,12 +422,21 @@ def test_prefix_blocks_give_the_full_prefills_logits(model, tok):
     found = pool.match(b.tolist(), len(b) - 1)
     assert len(found) == 3  # 13 tokens shared: 3 full blocks of 4
     full = model(b[None])[0]
-    for last_only in (False, True):
-        cache = KVCache.for_model(model, 1, len(b), last_logits_only=last_only)
-        cache.load_prefix(pool.load(found))
-        assert cache.get_pos() == 12
-        want = full[-1:] if last_only else full[12:]  # a prefill's cache asks for the last position only
-        torch.testing.assert_close(model(b[None, 12:], kv_cache=cache)[0], want, atol=KV_ATOL, rtol=0)
+    row = RowCache(KVCache.for_model(model, 3, 32), 1)
+    row.load(pool, found)
+    assert row.get_pos() == 12
+    # a prefill asks for the last position's logits only
+    torch.testing.assert_close(model(b[None, 12:], kv_cache=row)[0], full[-1:], atol=KV_ATOL, rtol=0)
+    assert row.get_pos() == len(b) and torch.equal(row.cache.kv[:, :, 0], torch.zeros_like(row.cache.kv[:, :, 0]))
+    whole = KVCache.for_model(model, 1, len(b))
+    model(b[None], kv_cache=whole)
+    torch.testing.assert_close(row.kv()[:, :, :, :len(b)], whole.kv[:, :, 0], atol=KV_ATOL, rtol=0)
+
+
+def copied(pool, found, n):
+    kv = torch.zeros_like(pool.blocks[:, :, :, 0, :1]).expand(-1, -1, -1, n, -1).clone()
+    pool.copy_into(found, kv)
+    return kv
 
 
 def test_prefix_cache_evicts_least_recently_used_leaves_first(model):
@@ -446,12 +455,12 @@ def test_prefix_cache_evicts_least_recently_used_leaves_first(model):
     pool.store(B, kv_b)
     assert pool.counts["evictions"] == 1
     assert len(pool.match(A, 6)) == 2 and len(pool.match(B, 6)) == 3
-    assert torch.equal(pool.load(pool.match(B, 6)), kv_b)
+    assert torch.equal(copied(pool, pool.match(B, 6), 6), kv_b)
     C = list(range(20, 30))  # 5 blocks into a pool of 4: everything else goes, C's first 4 blocks stay
     kv_c = torch.randn(L, 2, H, 10, D, generator=g)
     pool.store(C, kv_c)
     assert len(pool.match(C, 10)) == 4 and pool.match(A, 6) == [] and pool.match(B, 6) == []
-    assert torch.equal(pool.load(pool.match(C, 10)), kv_c[:, :, :, :8])
+    assert torch.equal(copied(pool, pool.match(C, 10), 8), kv_c[:, :, :, :8])
     stats = pool.stats()
     assert stats["blocks"] == stats["capacity_blocks"] == 4 and stats["evictions"] == 1 + 4
 
