@@ -43,7 +43,7 @@ parser.add_argument("--vocab-size", type=int, default=65536)
 parser.add_argument("--seq-len", type=int, default=2048, help="model context")
 parser.add_argument("--max-batch", type=int, default=32)
 parser.add_argument("--prefix-cache-mb", type=float, default=1024)
-parser.add_argument("--prefill-chunk", type=int, default=64, help="the cached peer's chunk in turns and clients")
+parser.add_argument("--prefill-chunk", type=int, default=128, help="the cached peer's chunk in turns and clients")
 parser.add_argument("--turns", type=int, default=10)
 parser.add_argument("--user-tokens", type=int, default=60)
 parser.add_argument("--reply-tokens", type=int, default=60)
@@ -55,6 +55,7 @@ parser.add_argument("--chunks", default="64,128,256,512", help="chunk sizes swep
 parser.add_argument("--clients", type=int, default=32)
 parser.add_argument("--requests", type=int, default=2, help="requests per client, back to back")
 parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the clients scenario")
+parser.add_argument("--client-rounds", type=int, default=5, help="rounds of the clients scenario per peer")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--scenarios", default="turns,long_prompt,clients", help="which to run, comma-separated")
 parser.add_argument("--out", default=None, help="also write the JSON line to this file")
@@ -225,12 +226,14 @@ async def long_prompt_scenario(model, tokenizer, serving_peers):
 
 async def clients_scenario(serving_peers):
     throughput = {name: [] for name in peers()}
-    for _ in range(args.repeats):
+    for _ in range(args.client_rounds):
         for name, (sched, clock) in serving_peers.items():
             throughput[name].append(await clients(sched, clock))
     tokens_per_s = {kind: {name: round(max(run[kind] for run in runs), 1) for name, runs in throughput.items()}
                     for kind in ("wall", "cpu")}
     return {"clients": args.clients, "tokens_per_s": tokens_per_s,
+            "runs": {name: [{kind: round(rate, 1) for kind, rate in run.items()} for run in runs]
+                     for name, runs in throughput.items()},
             "cached_vs_plain": {kind: round(t["cached"] / t["plain"], 3) for kind, t in tokens_per_s.items()}}
 
 

@@ -608,7 +608,8 @@ class _StaticDecode:
     def _write_buffers(self):
         live = self._live()
         scratch = self.cache.shape[4] - 1  # where a free or prefilling slot's filler goes
-        rows = [(r.last, r.cached, 1, r.generated, r.top_k, r.seed) if slot in self.decoding else (0, scratch, 0, 0, 0, 0)
+        free = (0, scratch, 0, 0, 0, 0)
+        rows = [(r.last, r.cached, 1, r.generated, r.top_k, r.seed) if slot in self.decoding else free
                 for slot, r in enumerate(self.slots)]
         self.state.copy_(torch.tensor(rows, dtype=torch.long).T)
         self.temperature.copy_(torch.tensor([r.temperature if slot in self.decoding else 0.0
@@ -662,7 +663,7 @@ class _StaticDecode:
 class BatchDecoder:
     """A slot-based batched decoder for continuous batching (plain torch; the serving layer drives it).
 
-        decoder = BatchDecoder(model, tokenizer, max_batch=32, prefill_chunk=64, prefix_cache_mb=512)
+        decoder = BatchDecoder(model, tokenizer, max_batch=32, prefill_chunk=128, prefix_cache_mb=512)
         decoder.add("a", prompt_ids, max_tokens=256, temperature=0.7)   # False when every slot is busy
         while decoder.stats()["requests"]:
             for request_id, token, finished in decoder.step(): ...

@@ -15,7 +15,7 @@ from serve_app.api import ApiConfig, Ingress
 from serve_app.engine import EngineReplica
 
 APP_NAME = "nanochat"
-PREFILL_CHUNK = 64  # measured on the CPU at depth 4 (bench/results/serve_engine_cpu-2core.json): GPUs want more
+PREFILL_CHUNK = 128  # measured on the CPU at depth 4 (bench/results/serve_engine_cpu-2core.json): GPUs want more
 
 
 def parser():
