@@ -31,3 +31,18 @@ def emit(result: dict, out=None):
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(line + "\n")
+
+
+class NoStopTokenizer:
+    """The little of a tokenizer the engines use, with special ids the model can never produce: random
+    weights never stop a run early (every request decodes exactly its max_tokens)."""
+
+    def __init__(self, vocab_size):
+        from nanochat.tokenizer import SPECIAL_TOKENS
+        self.ids = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+    def encode_special(self, name):
+        return self.ids[name]
+
+    def get_bos_token_id(self):
+        return self.ids["<|bos|>"]

@@ -3,10 +3,15 @@ whole app (HTTP proxy -> ingress -> engine replica), continuous batching vs one 
 time. Prints ONE JSON line.
 
     python bench/serve.py --depth 4 --clients 1,8,32 > bench/results/serve_cpu-2core.json
+    python bench/serve.py --clients 32 --peers continuous,continuous_plain \\
+        --out bench/results/serve_32_clients_cpu-2core.json
 
 Peers, deployed side by side in one local Ray (same model, one engine replica each, same settings):
-- continuous:       the app as shipped: requests join the running batch (--max-batch slots);
-- one_per_replica:  the same app with max batch 1: a replica decodes one request at a time, the rest wait.
+- continuous:       the app as shipped: requests join the running batch (--max-batch slots), prefix cache
+                    and chunked prefill at their defaults;
+- continuous_plain: the same without prefix cache and chunked prefill (whole prompts at once): the
+                    decoder before them;
+- one_per_replica:  the app with max batch 1: a replica decodes one request at a time, the rest wait.
 Each of N clients sends --requests streaming requests back to back (OpenAI chat API, --max-tokens each);
 the peers alternate per N (a shared machine drifts). TTFT: request sent -> first content chunk, p50/p90
 over all requests; tokens/s: completion tokens of all requests / wall time of the round.
@@ -36,10 +41,14 @@ parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated
 parser.add_argument("--max-batch", type=int, default=32, help="the continuous peer's batch slots")
 parser.add_argument("--cpus-per-replica", type=float, default=2.0)
 parser.add_argument("--gpus-per-replica", type=float, default=0.0)
+parser.add_argument("--peers", default="continuous,one_per_replica", help="comma-separated, from the docstring's list")
+parser.add_argument("--out", default=None, help="also write the JSON line to this file")
 args = parser.parse_args()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 import httpx  # noqa: E402
+
+from bench.common import emit  # noqa: E402
 import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -51,7 +60,10 @@ from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 from serve_app.random_model import save_random_checkpoint  # noqa: E402
 
-PEERS = {"continuous": args.max_batch, "one_per_replica": 1}
+PEERS = {"continuous": {"max_batch": args.max_batch},
+         "continuous_plain": {"max_batch": args.max_batch, "prefix_cache_mb": 0, "prefill_chunk": 0},
+         "one_per_replica": {"max_batch": 1}}
+PEERS = {name: PEERS[name] for name in args.peers.split(",")}
 TOPICS = ["the sea", "a red fox", "bread", "the moon", "winter", "a train", "old maps", "bees"]
 
 
@@ -70,7 +82,7 @@ def machine():
              if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
     return {"cpu": names[0] if names else platform.machine(), "cores": len(os.sched_getaffinity(0)),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "loadavg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+            "loadavg_1m_start": round(os.getloadavg()[0], 2), "python": platform.python_version(),
             "torch": torch.__version__, "ray": ray.__version__}
 
 
@@ -114,6 +126,7 @@ async def round_of(url, clients):
 
 
 def main():
+    info = machine()
     base = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
     tokenizer = byte_pair_tokenizer(args.vocab_size)
@@ -127,8 +140,8 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    for name, max_batch in PEERS.items():
-        settings = {"checkpoint": "sft/bench", "base_dir": str(base), "max_batch": max_batch, "ui": False,
+    for name, peer in PEERS.items():
+        settings = {"checkpoint": "sft/bench", "base_dir": str(base), "ui": False, **peer,
                     "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica,
                     "max_ongoing_requests": 64}
         serve.run(build_app(settings), name=name, route_prefix=f"/{name}")
@@ -142,12 +155,14 @@ def main():
             results[name][str(clients)] = asyncio.run(round_of(url, clients))
     serve.shutdown()
     ray.shutdown()
-    ratio = {n: round(results["continuous"][n]["tokens_per_s"] / results["one_per_replica"][n]["tokens_per_s"], 2)
-             for n in results["continuous"]}
-    print(json.dumps({"bench": "serve", "depth": args.depth, "config": config.to_dict(), "max_tokens": args.max_tokens,
-                      "requests_per_client": args.requests, "max_batch": args.max_batch,
-                      "cpus_per_replica": args.cpus_per_replica, "results": results,
-                      "continuous_vs_one_per_replica_tokens_per_s": ratio, "machine": machine()}))
+    first, *others = PEERS
+    ratios = {f"{first}_vs_{other}_tokens_per_s": {n: round(results[first][n]["tokens_per_s"] / r["tokens_per_s"], 2)
+                                                   for n, r in results[other].items()} for other in others}
+    info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    emit({"bench": "serve", "command": "python " + " ".join(sys.argv), "depth": args.depth, "config": config.to_dict(),
+          "max_tokens": args.max_tokens, "requests_per_client": args.requests, "max_batch": args.max_batch,
+          "cpus_per_replica": args.cpus_per_replica, "peers": PEERS, "results": results, **ratios, "machine": info},
+         args.out)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ import torch.distributed as dist
 
 from nanochat.adamw import DistAdamW
 from nanochat.common import NanochatError, atomic_write, atomic_write_text, get_base_dir, get_dist_info, logger
-from nanochat.gpt import GPT, GPTConfig, resolve_precision
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.muon import DistMuon
+from nanochat.precision import PRECISIONS, resolve_precision
 
 FORMAT_VERSION = 1
 SLOW_WRITE_ENV = "NANOCHAT_CHECKPOINT_DELAY_S"  # seconds every save takes longer, as on slow shared storage
@@ -166,8 +167,10 @@ def load_model_state(ckpt_dir, step, device="cpu"):
 
 def build_model(ckpt_dir, step, device, phase="eval", expect_config=None, expect_tokenizer=None, precision=None):
     """Rebuild the model saved at `step` on `device`, ready for phase "train" (model.train()) or "eval"
-    (model.eval()), its matmuls in `precision` (default: auto for the device, see gpt.resolve_precision).
-    Returns (model, meta). Raises CheckpointError on a mismatch or a damaged file."""
+    (model.eval()), its matmuls in `precision` (default: auto for the device, see precision.resolve_precision).
+    For "eval" the weights are held in that precision too (bf16 on GPUs: inference reads each weight once per
+    step); for "train" they stay fp32, the optimizers' master copy. Returns (model, meta). Raises
+    CheckpointError on a mismatch or a damaged file."""
     assert phase in ("train", "eval"), f"phase is 'train' or 'eval', got {phase!r}"
     meta = load_meta(ckpt_dir, step)
     check_meta(meta, expect_config, expect_tokenizer, where=str(step_dir(ckpt_dir, step)))  # before reading the weights
@@ -175,9 +178,12 @@ def build_model(ckpt_dir, step, device, phase="eval", expect_config=None, expect
     with torch.device("meta"):
         model = GPT(GPTConfig(**meta["model_config"]))
     model.to_empty(device=device)
-    model.init_rotary()  # derived tables are not in the checkpoint
-    model.load_state_dict(state)
-    model.set_precision(resolve_precision(precision, torch.device(device).type))
+    precision = resolve_precision(precision, torch.device(device).type)
+    if phase == "eval":
+        model.to(dtype=PRECISIONS[precision])
+    model.init_rotary()  # derived tables are not in the checkpoint (built in fp32)
+    model.load_state_dict(state)  # copies (and casts) the saved weights in
+    model.set_precision(precision)
     model.train(phase == "train")
     return model, meta
 

@@ -232,9 +232,10 @@ def autodetect_device_type() -> str:
 
 
 # dense bf16 tensor-core peak FLOP/s (no sparsity) and HBM bandwidth in bytes/s, by a substring of the GPU's
-# name: the denominators of MFU and MBU (memory-bandwidth utilization); H100 means the SXM part
-GPU_SPECS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "B200": (2250e12, 8.0e12), "A100": (312e12, 2.0e12),
-             "L40S": (362e12, 0.864e12), "A10G": (125e12, 0.6e12)}
+# name: the denominators of MFU and MBU (memory-bandwidth utilization); first match wins ("H100 PCIe" before
+# "H100", which means the SXM part)
+GPU_SPECS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12),
+             "B200": (2250e12, 8.0e12), "A100": (312e12, 2.0e12), "L40S": (362e12, 0.864e12), "A10G": (125e12, 0.6e12)}
 
 
 def gpu_specs(name: str):

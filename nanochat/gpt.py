@@ -223,9 +223,12 @@ class GPT(nn.Module):
         (B, T) are given (ignore index -1; reduction "mean", "sum" or "none" -> (B, T))."""
         B, T = idx.size()
         # tokens already cached = rotary offset of the first new token: an int when every row holds the
-        # same number (training, prefill, lockstep sampling), else a (B,) CPU tensor, one per row
+        # same number (training, prefill, lockstep sampling), else a (B,) tensor, one per row (on the CPU; on
+        # the device for a static-shape cache)
         T0 = 0 if kv_cache is None else kv_cache.get_pos(B)
-        end = (T0 if isinstance(T0, int) else int(T0.max())) + T
+        # keys attention sees: up to the furthest row's end, or the length a static-shape cache fixes (its
+        # positions stay on the device, unread: no host sync, so the step can be captured as a CUDA graph)
+        end = getattr(kv_cache, "key_len", None) or (T0 if isinstance(T0, int) else int(T0.max())) + T
         if end > self.rotary_cos.size(1):  # generation ran past the tables: grow them (rare)
             self.init_rotary(2 * end)
         attn_mask = None
@@ -235,7 +238,7 @@ class GPT(nn.Module):
             # Rows at different positions (continuous batching): each row gathers its own rotary angles, and
             # new token t of row b sees keys 0 .. T0[b] + t only; the cache slots past a row's end hold
             # another row's stale keys or nothing.
-            positions = (T0[:, None] + torch.arange(T)).to(idx.device)  # (B, T)
+            positions = (T0[:, None] + torch.arange(T, device=T0.device)).to(idx.device)  # (B, T)
             cos, sin = self.rotary_cos[0, positions], self.rotary_sin[0, positions]  # (B, T, 1, D/2)
             attn_mask = (torch.arange(end, device=idx.device) <= positions[..., None])[:, None]  # (B, 1, T, end)
         x = norm(self.transformer.wte(idx))  # the residual stream stays in the weights' dtype (fp32 in training)
@@ -243,6 +246,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache, attn_mask)
         x = norm(x)
         if targets is None:
+            if getattr(kv_cache, "last_logits_only", False):  # a prefill samples from its last position only
+                x = x[:, -1:]
             logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # padded ids are never predicted
             return SOFTCAP * torch.tanh(logits / SOFTCAP)
         dtype = self.compute_dtype or self.lm_head.weight.dtype

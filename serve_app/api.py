@@ -4,7 +4,8 @@
                                 stream, stream_options.include_usage); errors in OpenAI's error shape
     GET  /v1/models             the served model
     GET  /health                200 once an engine replica has its model loaded, 503 before
-    GET  /stats                 the engine replicas' counters (requests, tokens/s, queue depth, batch size)
+    GET  /stats                 the engine replicas' counters (requests, tokens/s, queue depth, batch size,
+                                prefix-cache hit rate and prompt tokens it saved)
     GET  /ui                    the Gradio chat page (GET / redirects there)
 
 Requests are checked here, before any engine work: body size, JSON, the pydantic request model, then
@@ -176,7 +177,9 @@ class EngineClient:
 
 # counters that add up over replicas, for /stats' "total"
 SUMMED_STATS = ("requests_total", "requests_finished", "requests_cancelled", "requests_timed_out", "requests_failed",
-                "in_flight", "queue_depth", "active", "tokens_generated", "tokens_per_s", "kv_cache_mb")
+                "in_flight", "queue_depth", "active", "tokens_generated", "tokens_per_s", "kv_cache_mb",
+                "prefix_cache_lookups", "prefix_cache_hits", "prefix_cache_prompt_tokens", "prefix_cache_tokens_saved",
+                "prefix_cache_mb")
 
 
 # ---- the app -----------------------------------------------------------------------------------------
@@ -230,6 +233,8 @@ def build_api(engine: EngineClient, config: ApiConfig) -> FastAPI:
         replicas = await engine.broadcast("stats")
         total = {k: sum(r[k] for r in replicas) for k in SUMMED_STATS}
         total["max_active"] = max((r["max_active"] for r in replicas), default=0)
+        saved, prompt_tokens = total["prefix_cache_tokens_saved"], total["prefix_cache_prompt_tokens"]
+        total["prefix_cache_hit_rate"] = round(saved / prompt_tokens, 4) if prompt_tokens else 0.0
         return {"replicas": replicas, "total": total}
 
     @app.get("/v1/models")

@@ -15,6 +15,7 @@ from serve_app.api import ApiConfig, Ingress
 from serve_app.engine import EngineReplica
 
 APP_NAME = "nanochat"
+PREFILL_CHUNK = 128  # measured on the CPU at depth 4 (bench/results/serve_engine_cpu-2core.json): GPUs want more
 
 
 def parser():
@@ -38,6 +39,15 @@ def parser():
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per slot (default: the model's)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="a request's time limit, queueing included")
     p.add_argument("--device", default=None, help="cpu, cuda (default: the best available in the replica)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                   help="prompt tokens prefilled per decode step at most: a long prompt loads over several steps "
+                        "while the running streams keep going (0: whole prompts at once). The default keeps a "
+                        "CPU replica's pauses under 3x its inter-token time; GPUs afford more")
+    p.add_argument("--prefix-cache-mb", type=float, default=1024,
+                   help="memory for the keys/values of recent prompts and chats, reused by prompts that start "
+                        "the same way (0: off)")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode with the static-shape step captured as "
+                   "CUDA graphs (GPU replicas)")
     # HTTP API
     p.add_argument("--model-name", default="nanochat", help="the model id the API reports")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"),
@@ -59,9 +69,12 @@ def build_app(args=None):
         argv = []
         for key, value in (args or {}).items():
             flag = "--" + key.replace("_", "-")
-            if flag == "--ui" and str(value).lower() in ("0", "false", "no"):
+            off = str(value).lower() in ("0", "false", "no")
+            if flag == "--ui" and off:
                 argv.append("--no-ui")
-            elif flag != "--ui":
+            elif flag == "--cuda-graphs" and not off:  # a switch: no value
+                argv.append(flag)
+            elif flag not in ("--ui", "--cuda-graphs"):
                 argv.append(f"{flag}={value}")
         args = parser().parse_args(argv)
     gpus = args.gpus_per_replica
@@ -81,7 +94,8 @@ def build_app(args=None):
         # a redeploy starts the new replicas first and retires the old ones once those are ready
         max_surge_percent=100,
     ).bind(args.checkpoint, args.base_dir or str(get_base_dir()), args.tokenizer_dir, args.max_batch,
-           args.max_seq_len, args.timeout_s, args.device)
+           args.max_seq_len, args.timeout_s, args.device, args.prefill_chunk or None, args.prefix_cache_mb,
+           args.cuda_graphs)
     api = ApiConfig(**{f.name: getattr(args, f.name) for f in fields(ApiConfig) if hasattr(args, f.name)})
     # streams mostly wait on the engine: the ingress needs little CPU but many requests in flight
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)

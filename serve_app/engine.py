@@ -27,7 +27,7 @@ from serve_app.scheduler import RequestTimeout, Scheduler
 @serve.deployment(name="NanochatEngine")
 class EngineReplica:
     def __init__(self, checkpoint=None, base_dir=None, tokenizer_dir=None, max_batch=32, max_seq_len=None,
-                 timeout_s=300.0, device=None):
+                 timeout_s=300.0, device=None, prefill_chunk=None, prefix_cache_mb=0, cuda_graphs=False):
         if base_dir:  # the replica may run on another node, in another process: same files as the driver
             os.environ["NANOCHAT_BASE_DIR"] = str(base_dir)
         self.base_dir, self.tokenizer_dir, self.timeout_s = base_dir, tokenizer_dir, timeout_s
@@ -37,7 +37,8 @@ class EngineReplica:
         specials = self.tokenizer.special_ids
         self.specials = set(specials.values())
         self.terminal = {specials["<|assistant_end|>"], specials["<|bos|>"]}
-        self.scheduler = Scheduler(model, self.tokenizer, max_batch, max_seq_len)
+        self.scheduler = Scheduler(model, self.tokenizer, max_batch, max_seq_len, prefill_chunk=prefill_chunk,
+                                   prefix_cache_mb=prefix_cache_mb, cuda_graphs=cuda_graphs)
         self.reload_lock = asyncio.Lock()
 
     def _load(self, spec):

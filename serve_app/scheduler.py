@@ -7,14 +7,15 @@ and leaves it the step it finishes; when every slot is taken it waits in a FIFO 
 bounded: the KV cache is preallocated for max_batch x max_seq_len).
 
 `reload(model)` swaps in new weights without failing anyone: new requests go to a fresh decoder on the
-new model while the old decoder finishes the requests it already holds, then is dropped.
+new model while the old decoder finishes the requests it already holds, then is dropped. The fresh decoder
+starts with an empty prefix cache: nothing the old weights computed is reused.
 
 Plain asyncio + torch: no Ray here (the Serve deployment in serve_app/engine.py wraps it).
 """
 import asyncio
 import itertools
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from nanochat.engine import BatchDecoder, check_prompt, check_sampling
@@ -44,11 +45,17 @@ def _step_all(decoders):
     return [event for decoder in decoders for event in decoder.step()]
 
 
+PREFIX_COUNTERS = ("lookups", "hits", "tokens_looked_up", "tokens_saved")
+
+
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch=32, max_seq_len=None, window_s=10.0):
+    def __init__(self, model, tokenizer, max_batch=32, max_seq_len=None, window_s=10.0, **decoder_options):
+        """decoder_options: BatchDecoder's prefill_chunk, prefix_cache_mb, prefix_block, static, cuda_graphs."""
         self.tokenizer = tokenizer
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.decoder = BatchDecoder(model, tokenizer, max_batch, max_seq_len)  # new requests go here
+        self.decoder_options = decoder_options
+        self.decoder = self._new_decoder(model)  # new requests go here
+        self.retired = Counter()  # prefix-cache counters of the decoders dropped so far (reloads, failures)
         self.draining = []  # decoders of replaced models, finishing what they hold
         self.queue = deque()  # _Pending not admitted yet: every slot was taken
         self.live = {}  # request_id -> _Pending, queued or admitted
@@ -128,7 +135,7 @@ class Scheduler:
             try:
                 if not self.decoder.add(req.request_id, req.prompt, *settings):
                     return  # every slot taken: wait for some to finish
-            except ValueError as e:  # checked in generate(), so not expected; never let it stop the loop
+            except Exception as e:  # checked in generate(), so not expected: fail this one, never stop the loop
                 self.live.pop(req.request_id, None)
                 req.put(end=e)
             else:
@@ -148,9 +155,16 @@ class Scheduler:
     async def _loop(self):
         loop = asyncio.get_running_loop()
         while True:
-            self._apply_cancels()
-            self._admit()
+            try:
+                self._apply_cancels()
+                self._admit()
+            except Exception as e:  # the loop must outlive any error, or every later request would wait forever
+                self._fail_all(e)
+                continue
             decoders = self._busy_decoders()
+            for d in self.draining:
+                if d not in decoders:
+                    self._retire(d)
             self.draining = [d for d in self.draining if d in decoders]
             if not decoders:
                 self.wakeup.clear()
@@ -189,17 +203,29 @@ class Scheduler:
                 del self.live[req.request_id]
                 self.counts["failed"] += 1
         # the decoders' state is unknown after a failure: start clean (queued requests stay queued)
-        self.decoder = BatchDecoder(self.decoder.model, self.tokenizer, self.max_batch, self.max_seq_len)
+        for d in (*self.draining, self.decoder):
+            self._retire(d)
+        self.decoder = self._new_decoder(self.decoder.model)
         self.draining, self.owner = [], {}
         self.to_cancel.clear()
 
     # ---- model swap and stats ----------------------------------------------------------------------------
 
+    def _new_decoder(self, model):
+        return BatchDecoder(model, self.tokenizer, self.max_batch, self.max_seq_len, **self.decoder_options)
+
+    def _retire(self, decoder):
+        """A decoder is dropped: keep its prefix-cache counters in the totals."""
+        if decoder.pool:
+            self.retired.update({k: decoder.pool.counts[k] for k in PREFIX_COUNTERS})
+
     def reload(self, model):
         """Serve new requests with `model` from now on; requests already running finish on the old one."""
         if self.decoder.stats()["requests"]:
             self.draining.append(self.decoder)
-        self.decoder = BatchDecoder(model, self.tokenizer, self.max_batch, self.max_seq_len)
+        else:
+            self._retire(self.decoder)
+        self.decoder = self._new_decoder(model)
 
     def stats(self):
         c = self.counts
@@ -208,6 +234,11 @@ class Scheduler:
         decoders = [*self.draining, self.decoder]
         active = sum(d.stats()["active"] for d in decoders)
         kv = [d.cache.kv for d in decoders if d.cache.kv is not None]  # allocated at the first request
+        prefix = self.retired.copy()
+        for d in decoders:
+            if d.pool:
+                prefix.update({k: d.pool.counts[k] for k in PREFIX_COUNTERS})
+        pools = [d.pool.blocks for d in decoders if d.pool and d.pool.blocks is not None]
         return {
             "requests_total": c["requests"], "requests_finished": c["finished"],
             "requests_cancelled": c["cancelled"], "requests_timed_out": c["timed_out"],
@@ -220,4 +251,12 @@ class Scheduler:
             "tokens_per_busy_s": round(c["tokens"] / c["busy_s"], 2) if c["busy_s"] else 0.0,
             "kv_cache_mb": round(sum(t.numel() * t.element_size() for t in kv) / 2**20, 1),
             "draining_decoders": len(self.draining),
+            "prefill_waiting": sum(d.stats()["waiting"] for d in decoders),
+            # prefix cache: hit rate = prompt tokens copied from the pool / prompt tokens looked up
+            "prefix_cache_lookups": prefix["lookups"], "prefix_cache_hits": prefix["hits"],
+            "prefix_cache_prompt_tokens": prefix["tokens_looked_up"],
+            "prefix_cache_tokens_saved": prefix["tokens_saved"],
+            "prefix_cache_hit_rate": round(prefix["tokens_saved"] / prefix["tokens_looked_up"], 4)
+            if prefix["tokens_looked_up"] else 0.0,
+            "prefix_cache_mb": round(sum(t.numel() * t.element_size() for t in pools) / 2**20, 1),
         }

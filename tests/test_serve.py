@@ -70,11 +70,32 @@ def test_scheduler_batches_queues_and_matches_engine(local_model, tok):
     assert stats["mean_batch"] > 1
 
 
-def test_scheduler_cancel_timeout_seed_and_reload(local_model, tok, tmp_path):
+def test_scheduler_outlives_an_error_between_steps(local_model, tok, monkeypatch):
+    """An error outside a step (here: freeing a cancelled request) fails the requests the decoder held and
+    the scheduler goes on serving: a later request gets its answer instead of waiting forever."""
     prompt = tok.encode("Once upon a time", prepend="<|bos|>")
 
     async def main():
         scheduler = Scheduler(local_model, tok, max_batch=2)
+        monkeypatch.setattr(scheduler.decoder, "cancel", lambda request_id: 1 / 0)
+        held = asyncio.create_task(collect(scheduler.generate(prompt, 400, temperature=0.0)))
+        stream = scheduler.generate(prompt, 400)
+        await anext(stream)
+        await stream.aclose()  # its cancel raises between two steps
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            await held
+        return await asyncio.wait_for(collect(scheduler.generate(prompt, 6, temperature=0.0)), 60), scheduler.stats()
+
+    after, stats = asyncio.run(main())
+    assert after == Engine(local_model, tok).generate_batch(prompt, max_tokens=6, temperature=0.0)[0][0]
+    assert stats["requests_failed"] == 1 and stats["in_flight"] == 0
+
+
+def test_scheduler_cancel_timeout_seed_and_reload(local_model, tok, tmp_path):
+    prompt = tok.encode("Once upon a time", prepend="<|bos|>")
+
+    async def main():
+        scheduler = Scheduler(local_model, tok, max_batch=2, prefix_cache_mb=1, prefix_block=4)
         stream = scheduler.generate(prompt, 400, temperature=1.0, seed=1)
         await anext(stream)
         await stream.aclose()  # the client went away
@@ -83,7 +104,9 @@ def test_scheduler_cancel_timeout_seed_and_reload(local_model, tok, tmp_path):
         with pytest.raises(RequestTimeout):
             await collect(scheduler.generate(prompt, 400, timeout_s=0.05))
         a = await collect(scheduler.generate(prompt, 10, temperature=1.0, seed=7))
-        b = await collect(scheduler.generate(prompt, 10, temperature=1.0, seed=7))
+        before_b = scheduler.stats()
+        b = await collect(scheduler.generate(prompt, 10, temperature=1.0, seed=7))  # a's prompt is cached
+        after_b = scheduler.stats()
         with pytest.raises(ValueError, match="at most"):
             await collect(scheduler.generate(list(range(SEQ_LEN)), 5))
         # a reload mid-request: the running request finishes on the old weights, new ones use the new
@@ -93,16 +116,25 @@ def test_scheduler_cancel_timeout_seed_and_reload(local_model, tok, tmp_path):
         save_random_checkpoint(other, tok, tiny_config(tok), seed=5)
         new_model = build_model(other, 0, "cpu")[0]
         scheduler.reload(new_model)
+        before_short = scheduler.stats()
         short = await collect(scheduler.generate(prompt, 8, temperature=0.0))
-        return after_cancel, a, b, await long, short, new_model, scheduler.stats()
+        return after_cancel, a, b, await long, short, new_model, (before_b, after_b, before_short, scheduler.stats())
 
-    after_cancel, a, b, long, short, new_model, stats = asyncio.run(main())
+    after_cancel, a, b, long, short, new_model, (before_b, after_b, before_short, stats) = asyncio.run(main())
     assert after_cancel["requests_cancelled"] == 1 and after_cancel["active"] == 0
     assert stats["requests_timed_out"] == 1
     assert a == b and len(a) == 10
     assert long == Engine(local_model, tok).generate_batch(prompt, max_tokens=60, temperature=0.0)[0][0]
     assert short == Engine(new_model, tok).generate_batch(prompt, max_tokens=8, temperature=0.0)[0][0]
     assert stats["draining_decoders"] == 0 and stats["in_flight"] == 0
+    # the prefix cache: b copied a's prompt blocks (all full blocks short of the last token), the same seeded
+    # tokens as a; after the reload the same prompt misses (a fresh pool) and the answer is the new model's
+    assert after_b["prefix_cache_hits"] == before_b["prefix_cache_hits"] + 1
+    assert after_b["prefix_cache_tokens_saved"] - before_b["prefix_cache_tokens_saved"] == (len(prompt) - 1) // 4 * 4
+    assert stats["prefix_cache_hits"] == before_short["prefix_cache_hits"]
+    assert stats["prefix_cache_lookups"] == before_short["prefix_cache_lookups"] + 1
+    saved, looked_up = stats["prefix_cache_tokens_saved"], stats["prefix_cache_prompt_tokens"]
+    assert stats["prefix_cache_hit_rate"] == round(saved / looked_up, 4)
 
 
 # ---- the HTTP layer against a fake engine, without Ray ----------------------------------------------------
@@ -160,6 +192,24 @@ def test_health_503_until_loaded_and_api_key():
     r = client.post("/v1/chat/completions", json={**body, "max_tokens": 99, "stream": True}, headers=good)
     events = [line for line in r.text.splitlines() if line.startswith("data: ")]
     assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+
+
+def test_stats_add_up_the_replicas_and_their_prefix_cache_hit_rate():
+    from fastapi.testclient import TestClient
+
+    from serve_app.api import SUMMED_STATS, ApiConfig, EngineClient, build_api
+
+    def replica(saved, prompt_tokens):
+        return {**dict.fromkeys(SUMMED_STATS, 1), "max_active": 3, "prefix_cache_tokens_saved": saved,
+                "prefix_cache_prompt_tokens": prompt_tokens}
+
+    class TwoReplicas(EngineClient):
+        async def broadcast(self, method):
+            return [replica(30, 100), replica(10, 300)] if method == "stats" else []
+
+    total = TestClient(build_api(TwoReplicas(None), ApiConfig(ui=False))).get("/stats").json()["total"]
+    assert total["prefix_cache_hit_rate"] == 0.1  # (30 + 10) / (100 + 300): tokens, not replicas, weigh
+    assert total["prefix_cache_tokens_saved"] == 40 and total["requests_total"] == 2 and total["max_active"] == 3
 
 
 def test_page_asks_for_the_api_key():
