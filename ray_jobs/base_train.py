@@ -123,10 +123,12 @@ def main(args):
     args = apply_preset(parser, args, TINY if args.preset == "tiny" else {})
     args.tag = args.tag or f"d{args.depth}"
     storage = Path(args.storage or get_base_dir())
-    # what can be checked without Ray, before it starts: the tokenizer, every shard, a resume's checkpoint,
-    # and the plan when the device (and on GPUs its memory) is given
+    # what can be checked without Ray, before it starts: the tokenizer, the memory plan when the device (and
+    # on GPUs its memory) is given, every shard, a resume's checkpoint, the data plan
     tokenizer = get_tokenizer()
     model_config = GPTConfig.from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, head_dim=args.head_dim)
+    known = args.device == "cpu" or (args.device == "cuda" and args.gpu_memory_gb)
+    early = plan_phase("base_train", args, model_config) if known else None
     pieces = pretrain_pieces(seed=args.seed, docs_per_piece=args.docs_per_piece or DOCS_PER_PIECE)
     if args.resume:
         check_resumable(checkpoint_dir("base", args.tag, base_dir=storage), model_config, tokenizer)
@@ -135,8 +137,6 @@ def main(args):
     rate = gpu_tokens_per_s(flops_per_token, args.num_workers) if args.device != "cpu" else 1e5  # CPU: far below an actor
     data = plan_data(args, model_config, num_params, args.num_workers, tokens_per_s=rate)
     check_data(data, args.allow_repeat)
-    known = args.device == "cpu" or (args.device == "cuda" and args.gpu_memory_gb)
-    early = plan_phase("base_train", args, model_config) if known else None
     init_training_cluster(args)
     args.memory_plan = early or plan_phase("base_train", args, model_config, args.gpu)
     args.data_actors = args.data_actors or (data.get("data_actors", 1) if args.device == "cuda" else args.num_workers)
