@@ -291,18 +291,25 @@ def plan_phase(name, args, config, gpu=None):
     largest that fits with headroom, unless given: then it must fit; on CPU the phase's default) and returns
     the memory plan. `gpu`: {"name", "memory_bytes", "bf16"} of the cluster's GPUs (None on CPU runs)."""
     from nanochat.precision import resolve_precision
+    from ray_jobs.training import worker_range
     on_gpu = args.device == "cuda"
     precision = resolve_precision(args.precision, args.device, gpu_supports_bf16=(gpu or {}).get("bf16", True))
     limit = usable_bytes((gpu["memory_bytes"] / GiB + DRIVER_RESERVED_GIB) if gpu else 80) if on_gpu else None
     batch = args.device_batch_size if args.device_batch_size is not None else (None if on_gpu else CPU_DEVICE_BATCH[name])
-    candidates = batch_candidates(name, args, config.sequence_len, args.num_workers)
-    if batch is not None and batch not in candidates and name != "chat_rl":
+    # an elastic run (--num-workers MIN-MAX) may run on any count of its range: the batch must divide for each
+    fewest, most = worker_range(args)
+    per_count = {w: batch_candidates(name, args, config.sequence_len, w) for w in range(fewest, most + 1)}
+    candidates = [b for b in per_count[fewest] if all(b in c for c in per_count.values())]  # never empty: 1 suits all
+    bad = next((w for w, c in per_count.items() if batch not in c), None) if batch is not None and name != "chat_rl" else None
+    if bad is not None:
         what = ("--total-batch-size", args.total_batch_size, f"device batch x T x workers = {batch} x {config.sequence_len} x "
-                f"{args.num_workers}") if name != "chat_sft" else ("--examples-per-step", args.examples_per_step,
-                                                                    f"device batch x workers = {batch} x {args.num_workers}")
-        raise PlanError(f"{name}: {what[0]} {what[1]} must be a multiple of {what[2]}; device batches that divide it: "
-                        f"{', '.join(map(str, candidates))}")
-    memory = plan_memory(name, config, candidates, args.num_workers, precision, args.device, limit, batch=batch)
+                f"{bad}") if name != "chat_sft" else ("--examples-per-step", args.examples_per_step,
+                                                      f"device batch x workers = {batch} x {bad}")
+        raise PlanError(f"{name}: {what[0]} {what[1]} must be a multiple of {what[2]}"
+                        f"{f' (every worker count of --num-workers {fewest}-{most})' if fewest < most else ''}; device batches "
+                        f"that divide it: {', '.join(map(str, candidates))}")
+    # the fewest workers hold the largest optimizer shards: plan the memory for them
+    memory = plan_memory(name, config, candidates, fewest, precision, args.device, limit, batch=batch)
     args.device_batch_size = memory["device_batch_size"]
     return {**memory, "precision": precision}
 
