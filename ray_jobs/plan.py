@@ -298,16 +298,21 @@ def plan_phase(name, args, config, gpu=None):
     batch = args.device_batch_size if args.device_batch_size is not None else (None if on_gpu else CPU_DEVICE_BATCH[name])
     # an elastic run (--num-workers MIN-MAX) may run on any count of its range: the batch must divide for each
     fewest, most = worker_range(args)
-    per_count = {w: batch_candidates(name, args, config.sequence_len, w) for w in range(fewest, most + 1)}
+    elastic = f" (every worker count of --num-workers {fewest}-{most})" if fewest < most else ""
+    per_count = {}
+    for world in range(fewest, most + 1):
+        try:
+            per_count[world] = batch_candidates(name, args, config.sequence_len, world)
+        except PlanError as e:
+            raise PlanError(f"{e}{elastic}") from None
     candidates = [b for b in per_count[fewest] if all(b in c for c in per_count.values())]  # never empty: 1 suits all
     bad = next((w for w, c in per_count.items() if batch not in c), None) if batch is not None and name != "chat_rl" else None
     if bad is not None:
         what = ("--total-batch-size", args.total_batch_size, f"device batch x T x workers = {batch} x {config.sequence_len} x "
                 f"{bad}") if name != "chat_sft" else ("--examples-per-step", args.examples_per_step,
                                                       f"device batch x workers = {batch} x {bad}")
-        raise PlanError(f"{name}: {what[0]} {what[1]} must be a multiple of {what[2]}"
-                        f"{f' (every worker count of --num-workers {fewest}-{most})' if fewest < most else ''}; device batches "
-                        f"that divide it: {', '.join(map(str, candidates))}")
+        raise PlanError(f"{name}: {what[0]} {what[1]} must be a multiple of {what[2]}{elastic}; device batches that divide it: "
+                        f"{', '.join(map(str, candidates))}")
     # the fewest workers hold the largest optimizer shards: plan the memory for them
     memory = plan_memory(name, config, candidates, fewest, precision, args.device, limit, batch=batch)
     args.device_batch_size = memory["device_batch_size"]
