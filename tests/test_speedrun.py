@@ -1,7 +1,7 @@
-"""End to end: the speedrun submitted with `ray job submit --working-dir .` to a local `ray start --head`,
-its driver killed (SIGKILL) after a phase has finished, submitted again: the second run skips the
-finished phases and leaves every checkpoint and a complete report.md."""
-import json
+"""End to end, the README's way: a local `ray start --head` started as the README's "On a cluster" section says
+(from the activated environment), the README's `ray job submit --working-dir . -- python ray_jobs/speedrun.py`
+command; its driver killed (SIGKILL) after a phase has finished, the same command again: the second run skips
+the finished phases and leaves every checkpoint and a complete report.md."""
 import os
 import shutil
 import signal
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-RAY = str(Path(sys.executable).parent / "ray")
+VENV_BIN = str(Path(sys.executable).parent)
 
 
 def free_port():
@@ -28,22 +28,32 @@ def free_port():
 DASHBOARD_PORT = free_port()
 
 
-def _ray(*args, env, timeout=120):
-    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
+def readme_local_cluster():
+    """The commands of the README's local-cluster block (activate, start the head, submit), comments dropped."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## On a cluster"):]
+    block = next(b for b in section.split("```bash")[1:] if "ray start --head" in b).split("```")[0]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
 
 
 @pytest.fixture
 def head_node(tmp_path, mirror_dir):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NANOCHAT_MIRROR": str(mirror_dir)}
-    env.pop("RAY_ADDRESS", None)
-    # its own session dir (never confused with the test session's Ray), short: unix socket paths are <= 107 bytes
+    """The README's head, as a new shell would start it: the project's environment not yet on PATH, then
+    activated by the README's line. Its environment (base dir, mirror) is every job's."""
+    activate, start, submit_line, _ = readme_local_cluster()
+    env = {**os.environ, "NANOCHAT_MIRROR": str(mirror_dir), "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
+           "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != VENV_BIN)}
+    for var in ("RAY_ADDRESS", "VIRTUAL_ENV"):
+        env.pop(var, None)
+    # its own session dir (never confused with the test session's Ray), short: unix socket paths are <= 107 bytes;
+    # and free ports: other Rays on this machine hold the default ones
     temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")]
-    started = _ray("start", "--head", "--num-cpus", "4", "--dashboard-port", str(DASHBOARD_PORT), *ports,
-                   "--include-dashboard", "true", f"--temp-dir={temp_dir}", "--disable-usage-stats", env=env, timeout=300)
+    command = f"{activate} && {start} --dashboard-port={DASHBOARD_PORT} {' '.join(ports)} --temp-dir={temp_dir} --disable-usage-stats"
+    started = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
-    yield env
+    yield env, f"{activate} && {submit_line}"
     # `ray stop` would also stop the test session's own Ray: kill only this head's processes (their
     # command lines name its temp dir); its workers exit with their raylet
     for pid in pids_matching(str(temp_dir).encode()):
@@ -51,17 +61,16 @@ def head_node(tmp_path, mirror_dir):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(env, base_dir, wait=True):
-    runtime_env = {"env_vars": {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_MIRROR": env["NANOCHAT_MIRROR"]},
-                   "excludes": [".venv", "rustbpe/target", ".git"]}
-    cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--entrypoint-num-cpus", "0"]
+def submit(head_node, wait=True):
+    """The README's submit command, as written (`--no-wait` added for a run to be killed), in a shell in the
+    checkout; RAY_ADDRESS points the CLI at this head's dashboard (the README's default port is taken here)."""
+    env, command = head_node
     if not wait:
-        cmd.append("--no-wait")
-    cmd += ["--", sys.executable, "ray_jobs/speedrun.py", "--preset", "smoke"]
+        command = command.replace("ray job submit", "ray job submit --no-wait")
+    env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}"}
     deadline = time.time() + 180
     while True:  # right after `ray start` the job agent may not be up yet
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
+        result = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         if "No available agent to submit job" not in result.stderr or time.time() > deadline:
             return result
         time.sleep(3)
@@ -83,10 +92,10 @@ def driver_pids():
     return pids_matching(b"ray_jobs/speedrun.py", unless=b"job\x00submit")
 
 
-def test_speedrun_resumes_after_driver_killed(head_node, tmp_path):
+def test_readme_submit_command_runs_the_speedrun_and_resumes_after_driver_killed(head_node, tmp_path):
     base_dir = tmp_path / "base"
     phases = base_dir / "runs" / "speedrun" / "phases"
-    first = submit(head_node, base_dir, wait=False)
+    first = submit(head_node, wait=False)
     assert first.returncode == 0, first.stdout + first.stderr
     deadline = time.time() + 900
     while not (phases / "base_train.done").exists():
@@ -97,7 +106,7 @@ def test_speedrun_resumes_after_driver_killed(head_node, tmp_path):
     done_before = sorted(p.stem for p in phases.glob("*.done"))
     assert "base_train" in done_before and "chat_eval_rl" not in done_before
 
-    second = submit(head_node, base_dir)
+    second = submit(head_node)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-5000:]
     for phase in done_before:
