@@ -80,6 +80,7 @@ def check_shared_storage(*directories, timeout_s=300):
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if len(nodes) < 2:
         return
+    t0 = time.time()
     token = uuid.uuid4().hex
     markers = [Path(d).resolve() / f".nanochat-storage-check-{token}" for d in dict.fromkeys(map(str, directories))]
     for marker in markers:
@@ -107,6 +108,8 @@ def check_shared_storage(*directories, timeout_s=300):
             raise StorageError(f"{marker.parent} is not visible from {len(blind)} of the cluster's {len(nodes)} nodes: {names}. "
                                "A multi-node run needs its checkpoints and base dir on storage every node mounts at the same "
                                "path (--storage, $NANOCHAT_BASE_DIR; cluster.yaml mounts a shared file system at /mnt/nanochat)")
+    logger.info("every one of the %d nodes sees %s (checked in %.1fs)", len(nodes), ", ".join(str(m.parent) for m in markers),
+                time.time() - t0)
 
 
 def _with_env(env, fn, *args, **kwargs):
