@@ -482,7 +482,7 @@ def _summary(loop, step, num_steps, status, timing, c, label, pool):
         "timing": {**timing, **({k.replace("_s", "_share"): round(timing[k] / measured, 4) for k in ("generate_s", "update_s", "sync_s")} if measured else {})},
         "samples_per_s": round(timing["samples"] / timing["generate_s"], 2) if timing["generate_s"] else None,
         "actors_replaced": pool.replaced if pool else 0, "rollouts_refused": pool.refused if pool else 0,
-        "starts": loop.starts, "checkpoint_dir": str(loop.ckpt_dir),
+        "starts": loop.starts, "start_workers": loop.start_workers, "checkpoint_dir": str(loop.ckpt_dir),
         "source": f"{c.source_phase} {c.source_dir} step {c.source_step}",
     }
 

@@ -5,9 +5,10 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
-from nanochat.common import atomic_write_text, get_base_dir
+from nanochat.common import NanochatError, atomic_write_text, get_base_dir
 
 logger = logging.getLogger("nanochat.ray")
 
@@ -49,6 +50,66 @@ def init_ray(num_cpus=None):
             ray.init(address="local", num_cpus=num_cpus, runtime_env=env)
             logger.info("started a local Ray with %s logical CPUs", num_cpus)
     return ray.cluster_resources()
+
+
+class StorageError(NanochatError, ValueError):
+    """A directory a multi-node run shares (checkpoints, the base dir) is not the same on every node."""
+
+
+def _read_markers(paths):
+    """On one node: the text of each marker file, or None where this node does not see it."""
+    import ray
+    texts = []
+    for path in paths:
+        try:
+            texts.append(Path(path).read_text())
+        except OSError:
+            texts.append(None)
+    return ray.get_runtime_context().get_node_id(), texts
+
+
+def check_shared_storage(*directories, timeout_s=300):
+    """Refuse (StorageError) a run on several nodes whose `directories` are not the same files on every
+    node: the driver writes a fresh marker into each, a task pinned to every alive node reads them back.
+    A node that does not answer within timeout_s counts as blind; one that is gone meanwhile is left out.
+    On one node there is nothing to check. Nodes that join later (autoscaling) are not checked here:
+    cluster.yaml mounts the storage on every node it starts."""
+    import ray
+    from ray.exceptions import TaskUnschedulableError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    t0 = time.time()
+    token = uuid.uuid4().hex
+    markers = [Path(d).resolve() / f".nanochat-storage-check-{token}" for d in dict.fromkeys(map(str, directories))]
+    for marker in markers:
+        atomic_write_text(marker, token)
+    read = ray.remote(_read_markers)
+    refs = {read.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(list(map(str, markers))): n for n in nodes}
+    seen = {}  # node id -> the markers' texts as that node read them
+    try:
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                node_id, texts = ray.get(ref)
+                seen[node_id] = texts
+            except TaskUnschedulableError:  # the node left the cluster since it was listed
+                nodes.remove(refs[ref])
+    finally:
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+    for i, marker in enumerate(markers):
+        blind = [n for n in nodes if (seen.get(n["NodeID"]) or [None] * len(markers))[i] != token]
+        if blind:
+            names = ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]}"
+                              f"{'' if n['NodeID'] in seen else ', no answer'})" for n in blind)
+            raise StorageError(f"{marker.parent} is not visible from {len(blind)} of the cluster's {len(nodes)} nodes: {names}. "
+                               "A multi-node run needs its checkpoints and base dir on storage every node mounts at the same "
+                               "path (--storage, $NANOCHAT_BASE_DIR; cluster.yaml mounts a shared file system at /mnt/nanochat)")
+    logger.info("every one of the %d nodes sees %s (checked in %.1fs)", len(nodes), ", ".join(str(m.parent) for m in markers),
+                time.time() - t0)
 
 
 def _with_env(env, fn, *args, **kwargs):

@@ -290,16 +290,28 @@ def plan_phase(name, args, config, gpu=None):
     largest that fits with headroom, unless given: then it must fit; on CPU the phase's default) and returns
     the memory plan. `gpu`: {"name", "memory_bytes", "bf16"} of the cluster's GPUs (None on CPU runs)."""
     from nanochat.precision import resolve_precision
+    from ray_jobs.training import worker_range
     on_gpu = args.device == "cuda"
     if on_gpu and getattr(args, "gpu_memory_gb", None):
         gpu = {**(gpu or {}), "memory_bytes": (args.gpu_memory_gb - DRIVER_RESERVED_GIB) * GiB}
     precision = resolve_precision(args.precision, args.device, gpu_supports_bf16=(gpu or {}).get("bf16", True))
     limit = usable_bytes((gpu["memory_bytes"] / GiB + DRIVER_RESERVED_GIB) if gpu else 80) if on_gpu else None
     batch = args.device_batch_size if args.device_batch_size is not None else (None if on_gpu else CPU_DEVICE_BATCH[name])
-    if batch is not None:
-        check_batch(name, args, batch, config.sequence_len, args.num_workers)
-    candidates = batch_candidates(name, args, config.sequence_len, args.num_workers) if batch is None or limit else [batch]
-    memory = plan_memory(name, config, candidates, args.num_workers, precision, args.device, limit, batch=batch)
+    # an elastic run (--num-workers MIN-MAX) may run on any count of its range: the batch must divide for each
+    fewest, most = worker_range(args)
+    elastic = f" (every worker count of --num-workers {fewest}-{most})" if fewest < most else ""
+    worlds, per_count = range(fewest, most + 1), []
+    try:
+        for world in worlds:
+            per_count.append(batch_candidates(name, args, config.sequence_len, world))
+        for world in worlds if batch is not None else ():
+            check_batch(name, args, batch, config.sequence_len, world)
+    except PlanError as e:
+        divide = [b for b in per_count[0] if all(b in c for c in per_count)] if len(per_count) == len(worlds) else []
+        raise PlanError(f"{e}{elastic}" + (f"; device batches that divide it: {', '.join(map(str, divide))}" if divide else "")) from None
+    candidates = [b for b in per_count[0] if all(b in c for c in per_count)] if batch is None or limit else [batch]
+    # the fewest workers hold the largest optimizer shards: plan the memory for them
+    memory = plan_memory(name, config, candidates, fewest, precision, args.device, limit, batch=batch)
     args.device_batch_size = memory["device_batch_size"]
     return {**memory, "precision": precision}
 

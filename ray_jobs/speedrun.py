@@ -132,11 +132,12 @@ def run_script_phase(phases, name, module, flags, resumable=False):
 def main(args):
     log = setup_logging()
     from nanochat.report import get_report
-    from ray_jobs.common import PhaseLog, init_ray, run_task
+    from ray_jobs.common import PhaseLog, check_shared_storage, init_ray, run_task
     t0 = time.time()
     if args.storage:  # before Ray starts: every task and worker inherits the base dir through project_env()
         os.environ["NANOCHAT_BASE_DIR"] = args.storage
     resources = init_ray(args.num_cpus)
+    check_shared_storage(get_base_dir())  # on several nodes, before any phase writes there
     preset_name = pick_preset(args.preset, resources)
     preset = SimpleNamespace(**PRESETS[preset_name])
     run_dir = get_base_dir() / "runs" / args.run

@@ -52,7 +52,11 @@ def add_training_flags(parser, **defaults):
         help="torch.compile the model for training (default: on GPUs, off on CPU)")
     add("--allow-repeat", action="store_true", help="let training start a second pass over its data (else that is an error)")
     # cluster
-    add("--num-workers", type=int, default=d["num_workers"])
+    add("--num-workers", action=WorkerCount, default=d["num_workers"], metavar="N|MIN-MAX",
+        help="train workers; MIN-MAX is elastic: start with as many as the cluster has room for (at least MIN) and "
+             "grow to MAX when capacity appears, resuming from the last checkpoint on the new size (the global batch stays)")
+    parser.set_defaults(min_workers=None)
+    add("--resize-check-s", type=float, default=60.0, help="elastic runs: seconds between checks for room to grow")
     add("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: GPUs if the cluster has them")
     add("--cpus-per-worker", type=float, default=None, help="default: 1 on CPU runs, 8 on GPU runs")
     add("--gpu-memory-gb", type=float, default=None, help="nominal memory of one GPU, for the plan (default: what the cluster's GPUs report)")
@@ -63,6 +67,25 @@ def add_training_flags(parser, **defaults):
     add("--resume", action="store_true", help="continue from the tag's last checkpoint (else start fresh)")
     add("--wandb", default=None, help="Weights & Biases run name (off by default)")
     add("--seed", type=int, default=42)
+
+
+class WorkerCount(argparse.Action):
+    """--num-workers N, or MIN-MAX for an elastic run: sets num_workers (the most) and min_workers (None: fixed)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        low, dash, high = str(value).partition("-")
+        try:
+            low, high = int(low), int(high if dash else low)
+        except ValueError:
+            parser.error(f"{option_string} {value}: give a number of workers (8) or a range MIN-MAX (4-8)")
+        if not 0 <= low <= high or (dash and low == 0):
+            parser.error(f"{option_string} {value}: a range needs 1 <= MIN <= MAX")
+        namespace.num_workers, namespace.min_workers = high, (low if dash else None)
+
+
+def worker_range(args):
+    """(fewest, most) workers of a run's --num-workers: equal unless it is elastic."""
+    return (getattr(args, "min_workers", None) or args.num_workers), args.num_workers
 
 
 def apply_preset(parser, args, preset: dict):
@@ -135,7 +158,9 @@ def check_resumable(ckpt_dir, model_config, tokenizer):
 def init_training_cluster(args):
     """Connect to (or start) Ray, then settle --device auto and --cpus-per-worker from its resources, and
     learn the cluster's GPU (args.gpu: {"name", "memory_bytes", "bf16"}, None on CPU runs) for the plan."""
+    from ray_jobs.common import check_shared_storage
     resources = init_ray()
+    check_shared_storage(args.storage or get_base_dir(), get_base_dir())  # checkpoints; the tokenizer and data
     if args.device == "auto":
         args.device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
     if args.device == "cuda" and resources.get("GPU", 0) < 1:
@@ -161,16 +186,21 @@ def cluster_gpu():
 def build_trainer(train_loop, config, phase, datasets=None, dataset_config=None):
     """The TorchTrainer of a phase: config["num_workers"] workers (a GPU each with NCCL, or CPU processes
     with gloo), a fresh Ray run name each time (our own checkpoints carry the state, not Ray's), and
-    FailureConfig restarts after a worker loss (the loop resumes from its last complete checkpoint)."""
+    FailureConfig restarts after a worker loss (the loop resumes from its last complete checkpoint).
+    Elastic (min_workers < num_workers): Ray Train starts with as many workers as fit, at least the minimum,
+    and every resize_check_s seconds restarts the group on more when they fit; each (re)start resumes from
+    the last checkpoint on the new size (optimizer shards and data positions are mapped onto it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     use_gpu = config["device"] == "cuda"
+    fewest, most = worker_range(argparse.Namespace(**config))
     return TorchTrainer(
         train_loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config["num_workers"], use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=(fewest, most) if fewest < most else most, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})},
+                                     elastic_resize_monitor_interval_s=config.get("resize_check_s", 60.0)),
         run_config=RunConfig(
             name=f"{phase}-{config['tag']}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(Path(config["storage"]) / "ray_train"),
@@ -364,6 +394,7 @@ class TrainLoop:
         self.tokens_trained = state.get("tokens_trained", 0)
         self.value = state.get(metric)  # the latest validation value
         self.starts = state.get("starts", []) + [start_step]  # every (re)start of the loop, for the record
+        self.start_workers = state.get("start_workers", []) + [self.world]  # and the workers it (re)started on
 
     def save(self, step, reason):
         """Checkpoint on every rank; refuses (returns False) when the weights are no longer finite, so the
@@ -375,6 +406,7 @@ class TrainLoop:
             return False
         loop_state = {"curves": self.curves, "smooth_loss": self.smooth_loss, "train_seconds": self.train_seconds,
                       "tokens_trained": self.tokens_trained, self.metric: self.value, "starts": self.starts,
+                      "start_workers": self.start_workers,
                       "timed_tokens": self.timed_tokens, "loss_scaler": self.scaler.state_dict()}
         data_states = [self.data_state]
         if self.world > 1:  # every rank's position (they differ: each reads its own share)
@@ -475,7 +507,8 @@ class TrainLoop:
         return {"status": status, "step": step, "num_iterations": num_iterations, self.metric: self.value,
                 "final_loss": final_loss, "train_seconds": self.train_seconds, "tokens_trained": self.tokens_trained,
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "loss_scale_skipped_steps": self.scaler.skipped,
-                "starts": self.starts, "curves": self.curves, "checkpoint_dir": str(self.ckpt_dir)}
+                "starts": self.starts, "start_workers": self.start_workers, "curves": self.curves,
+                "checkpoint_dir": str(self.ckpt_dir)}
 
 
 def _init_wandb(config):
@@ -577,8 +610,13 @@ def report_training(summary, args, settings):
     """A training phase's report section: the named settings, the results, the loss and val bpb curves."""
     summary = dict(summary)
     curves = summary.pop("curves", {})
+    fewest, most = worker_range(args)
+    shown = {k: (f"{fewest}-{most}" if k == "num_workers" and fewest < most else getattr(args, k)) for k in settings}
+    starts = summary.get("starts") or []
+    if len(starts) > 1:  # the run was resumed (a worker or node lost, an elastic resize, --resume): from where, on how many
+        summary["restarts"] = "; ".join(f"step {s} on {w} workers" for s, w in zip(starts[1:], summary.get("start_workers", [])[1:]))
     return {
-        "settings": {k: getattr(args, k) for k in settings},
+        "settings": shown,
         "results": {k: v for k, v in summary.items() if k != "checkpoint_dir"},
         "curves": {"loss": {**curves.get("loss", {}), "ylabel": "train loss"},
                    "val_bpb": {**curves.get("val_bpb", {}), "ylabel": "validation bits/byte"}},

@@ -21,3 +21,13 @@ def test_schema_catches_mistakes():
     config["available_node_types"]["head"]["min_workers"] = "many"  # wrong type
     with pytest.raises(Exception):
         validate_config(prepare_config(config))
+
+
+def test_every_node_starts_ray_from_the_project_environment():
+    """A job's `python` is the first on the PATH of the raylet that runs it, and the uploaded working dir has
+    no .venv: every node's `ray start` must run with the project's environment activated."""
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert len(starts) == 1, starts
+        assert ". .venv/bin/activate && " in starts[0].split("ray start")[0], starts[0]

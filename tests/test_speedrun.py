@@ -1,12 +1,13 @@
-"""End to end: the speedrun submitted with `ray job submit --working-dir .` to a local `ray start --head`;
-stopped with `ray job stop` while pretraining writes checkpoints slower than Ray's default stop window
-(the head is started with RAY_JOB_STOP_WAIT_TIME_S, as the README says); submitted again, it resumes
-pretraining from the checkpoint written at the stop; its driver killed (SIGKILL) after a phase has
-finished, submitted again: the last run skips the finished phases and leaves every checkpoint and a
-complete report.md."""
+"""End to end, the README's way: a local head started with the lines of the README's "On a cluster" section
+(from the activated environment, RAY_JOB_STOP_WAIT_TIME_S raised), the README's `ray job submit --working-dir .
+-- python ray_jobs/speedrun.py` command. Stopped with `ray job stop` while pretraining writes checkpoints slower
+than Ray's default stop window; submitted again, it resumes pretraining from the checkpoint written at the
+stop; its driver killed (SIGKILL) after a phase has finished, submitted again: the last run skips the
+finished phases and leaves every checkpoint and a complete report.md."""
 import json
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
+VENV_BIN = str(Path(sys.executable).parent)
 
 
 def free_port():
@@ -29,7 +31,6 @@ def free_port():
 
 # another Ray on this machine (the test session's own) holds the default ports: pick free ones
 DASHBOARD_PORT = free_port()
-STOP_WAIT_S = 120
 SLOW_CHECKPOINT_S = 6  # twice Ray's default stop window: a stop checkpoint only survives a raised one
 
 
@@ -37,19 +38,38 @@ def _ray(*args, env, timeout=120):
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def readme_local_cluster():
+    """The commands of the README's local-cluster block (activate, start the head, submit), comments dropped."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## On a cluster"):]
+    block = next(b for b in section.split("```bash")[1:] if "ray start --head" in b).split("```")[0]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+
+
+def stop_wait_s(start_line):
+    """The stop window the README's head line sets (RAY_JOB_STOP_WAIT_TIME_S=...)."""
+    return int(start_line.split("RAY_JOB_STOP_WAIT_TIME_S=")[1].split()[0])
+
+
 @pytest.fixture
 def head_node(tmp_path, mirror_dir):
-    # a stopped job's driver gets this long to write its checkpoint (Ray's default is 3 s): see the README
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NANOCHAT_MIRROR": str(mirror_dir), "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
-    env.pop("RAY_ADDRESS", None)
-    # its own session dir (never confused with the test session's Ray), short: unix socket paths are <= 107 bytes
+    """The README's head, as a new shell would start it: the project's environment not yet on PATH, then
+    activated by the README's line. Its environment (base dir, mirror) is every job's. Yields (env for the
+    `ray` CLI, the README's submit line, the stop window)."""
+    activate, start, submit_line, _ = readme_local_cluster()
+    env = {**os.environ, "NANOCHAT_MIRROR": str(mirror_dir), "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
+           "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != VENV_BIN)}
+    for var in ("RAY_ADDRESS", "VIRTUAL_ENV"):
+        env.pop(var, None)
+    # its own session dir (never confused with the test session's Ray), short: unix socket paths are <= 107 bytes;
+    # and free ports: other Rays on this machine hold the default ones
     temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")]
-    started = _ray("start", "--head", "--num-cpus", "4", "--dashboard-port", str(DASHBOARD_PORT), *ports,
-                   "--include-dashboard", "true", f"--temp-dir={temp_dir}", "--disable-usage-stats", env=env, timeout=300)
+    command = f"{activate} && {start} --dashboard-port={DASHBOARD_PORT} {' '.join(ports)} --temp-dir={temp_dir} --disable-usage-stats"
+    started = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
-    yield env
+    yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}"}, f"{activate} && {submit_line}", stop_wait_s(start)
     # `ray stop` would also stop the test session's own Ray: kill only this head's processes (their
     # command lines name its temp dir); its workers exit with their raylet
     for pid in pids_matching(str(temp_dir).encode()):
@@ -57,19 +77,18 @@ def head_node(tmp_path, mirror_dir):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(env, base_dir, wait=True, submission_id=None, extra_env=None):
-    runtime_env = {"env_vars": {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_MIRROR": env["NANOCHAT_MIRROR"], **(extra_env or {})},
-                   "excludes": [".venv", "rustbpe/target", ".git"]}
-    cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--entrypoint-num-cpus", "0"]
-    if submission_id:
-        cmd += ["--submission-id", submission_id]
-    if not wait:
-        cmd.append("--no-wait")
-    cmd += ["--", sys.executable, "ray_jobs/speedrun.py", "--preset", "smoke"]
+def submit(head_node, wait=True, submission_id=None, extra_env=None):
+    """The README's submit command, as written, in a shell in the checkout (RAY_ADDRESS points the CLI at this
+    head's dashboard, the README's default port being taken here); added only: `--no-wait` for a run to be
+    stopped or killed, its submission id, and an environment variable for the slow-storage fault injection."""
+    env, command, _ = head_node
+    options = (["--no-wait"] if not wait else []) + (["--submission-id", submission_id] if submission_id else [])
+    if extra_env:
+        options += ["--runtime-env-json", shlex.quote(json.dumps({"env_vars": extra_env}))]
+    command = command.replace("ray job submit", " ".join(["ray job submit", *options]))
     deadline = time.time() + 180
     while True:  # right after `ray start` the job agent may not be up yet
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
+        result = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         if "No available agent to submit job" not in result.stderr or time.time() > deadline:
             return result
         time.sleep(3)
@@ -100,8 +119,8 @@ def driver_pids(base_dir):
     return pids
 
 
-def job_status(env, submission_id):
-    out = _ray("job", "status", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", submission_id, env=env)
+def job_status(head_node, submission_id):
+    out = _ray("job", "status", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", submission_id, env=head_node[0])
     return out.stdout + out.stderr
 
 
@@ -111,7 +130,7 @@ def test_speedrun_stops_resumes_and_survives_a_killed_driver(head_node, tmp_path
     phases = base_dir / "runs" / "speedrun" / "phases"
     ckpt = base_dir / "checkpoints" / "base" / "d2"
     # 1) `ray job stop` during pretraining, whose checkpoints take longer than Ray's default stop window
-    first = submit(head_node, base_dir, wait=False, submission_id="speedrun-stop", extra_env={SLOW_WRITE_ENV: str(SLOW_CHECKPOINT_S)})
+    first = submit(head_node, wait=False, submission_id="speedrun-stop", extra_env={SLOW_WRITE_ENV: str(SLOW_CHECKPOINT_S)})
     assert first.returncode == 0, first.stdout + first.stderr
     deadline, polls = time.time() + 900, 0
     while not (ckpt / "step_000010").is_dir():  # the first periodic checkpoint is being written: stop now
@@ -120,7 +139,7 @@ def test_speedrun_stops_resumes_and_survives_a_killed_driver(head_node, tmp_path
         if polls % 50 == 0:  # the CLI costs a second of CPU: ask it now and then
             assert "FAILED" not in job_status(head_node, "speedrun-stop"), job_status(head_node, "speedrun-stop")
         time.sleep(0.2)
-    stopped = _ray("job", "stop", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "speedrun-stop", env=head_node, timeout=STOP_WAIT_S + 60)
+    stopped = _ray("job", "stop", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "speedrun-stop", env=head_node[0], timeout=head_node[2] + 60)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     while "was stopped" not in job_status(head_node, "speedrun-stop"):  # Ray's words for STOPPED
         assert time.time() < deadline, job_status(head_node, "speedrun-stop")
@@ -129,11 +148,11 @@ def test_speedrun_stops_resumes_and_survives_a_killed_driver(head_node, tmp_path
     meta = load_meta(ckpt, stop_step)  # complete: every file there, whole
     assert 10 < stop_step < 20 and meta["step"] == stop_step, stop_step  # written at the stop, not a periodic one
     assert not (phases / "base_train.done").exists()
-    logs = _ray("job", "logs", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "speedrun-stop", env=head_node).stdout
+    logs = _ray("job", "logs", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "speedrun-stop", env=head_node[0]).stdout
     assert "stopped at step" in logs and "run the same command again to resume" in logs, logs[-3000:]
 
     # 2) submitted again: pretraining resumes from the stop checkpoint; its driver is then killed between phases
-    second = submit(head_node, base_dir, wait=False)
+    second = submit(head_node, wait=False)
     assert second.returncode == 0, second.stdout + second.stderr
     deadline = time.time() + 900
     while not (phases / "base_train.done").exists():
@@ -147,7 +166,7 @@ def test_speedrun_stops_resumes_and_survives_a_killed_driver(head_node, tmp_path
     assert starts == [0, stop_step], starts  # continued from the stop checkpoint, not from scratch
 
     # 3) submitted again: the finished phases are skipped, the rest completes
-    third = submit(head_node, base_dir)
+    third = submit(head_node)
     out = third.stdout + third.stderr
     assert third.returncode == 0, out[-5000:]
     for phase in done_before:
