@@ -62,6 +62,7 @@ def train_loop(config):
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
     from ray_jobs.training import resume_or_init, worker_device
     from ray_jobs.data import packed_batches, val_batches
+    from ray_jobs.metrics import RunMetrics
 
     log = setup_logging()
     c = argparse.Namespace(**config)
@@ -87,7 +88,8 @@ def train_loop(config):
 
     resume = rank_resume_state(meta.get("data_state"), "piece")  # this rank's position: the pipeline starts there
     train_iter = packed_batches(ray.get(c.pieces), c.device_batch_size, c.max_seq_len, c.tokenizer_dir, device, resume,
-                                allow_repeat=c.allow_repeat, num_actors=-(-c.data_actors // world), actor_cpus=c.data_actor_cpus)
+                                allow_repeat=c.allow_repeat, num_actors=-(-c.data_actors // world), actor_cpus=c.data_actor_cpus,
+                                metrics=RunMetrics("base", c.tag, rank))
     val_steps = max(1, c.eval_tokens // (c.device_batch_size * c.max_seq_len * world))
 
     loop = TrainLoop(config, "base", ckpt_dir, model, optimizers, tokenizer, device, start_step, meta, num_iterations, grad_accum)

@@ -390,6 +390,8 @@ def train_loop(config):
         mean = sum(sum(g["rewards"]) for g in groups) / max(1, sum(len(g["rewards"]) for g in groups))
         return pass_at_k(groups), mean
 
+    metrics = loop.metrics()  # Ray's metrics (and --wandb on rank 0), tagged rl, the run's tag, the rank
+    refused, replaced = (pool.refused, pool.replaced) if pool else (0, 0)
     step, status = w.start_step, "finished"
     try:
         while True:
@@ -400,6 +402,9 @@ def train_loop(config):
                 loop.curves["pass@k"]["y"].append(loop.value)
                 logger.info("step %d/%d: %s pass@%d %.4f (mean reward %.4f) on %d test problems", step, num_steps, label,
                             c.eval_samples, loop.value, eval_reward, min(c.eval_examples, len(w.val_task)))
+                metrics.tags["k"] = c.eval_samples
+                metrics.log(step, rl_pass_at_k=loop.value)
+                del metrics.tags["k"]
             periodic = step > w.start_step and c.save_every > 0 and step % c.save_every == 0
             if (last or periodic) and not loop.save(step, "end" if last else "periodic"):
                 status = f"error: the weights are not finite at step {step}"
@@ -454,6 +459,11 @@ def train_loop(config):
                 timing["sync_s"] += t3 - t2
                 timing["samples"] += len(rewards)
                 loop.train_seconds += t3 - t0
+            if rank == 0:  # a few metric updates per step, the pool's counters as increments
+                metrics.log(step, rl_mean_reward=mean_reward, rl_samples_per_s=len(rewards) / (t1 - t0), rl_sync_seconds=t3 - t2,
+                            train_loss=step_loss, train_lr_mult=lr_mult, train_step=step, train_tokens_total=num_tokens,
+                            rl_rollouts_refused_total=pool.refused - refused, rl_actors_replaced_total=pool.replaced - replaced)
+                refused, replaced = pool.refused, pool.replaced
             if rank == 0 and (step % c.log_every == 0 or step == num_steps):
                 logger.info("rl step %d/%d: mean reward %.3f, %d sampled tokens, loss %.5f, lr x%.3f; generate %.2fs "
                             "(actors %.2fs), update %.2fs, sync %.2fs", step, num_steps, mean_reward, num_tokens, step_loss,
@@ -464,6 +474,8 @@ def train_loop(config):
     finally:
         if pool is not None:
             pool.shutdown()
+        if metrics.wandb_run is not None:
+            metrics.wandb_run.finish()
     return _summary(loop, step, num_steps, status, timing, c, label, pool)
 
 

@@ -125,11 +125,13 @@ def build_rank_dataset(pieces, tokenizer_dir, seq_len: int, first_piece: int = 0
 def _rebatch(blocks, B: int, state: dict, stats: dict):
     """Blocks of rows (with their piece and row ids) -> arrays of exactly B rows, skipping rows before
     `state`'s position and advancing it past each row handed out. stats["docs_tokenized"] counts the
-    documents of the pieces received (one piece per block)."""
+    documents of the pieces received (one piece per block), "tokens_received" their tokens, "rows_buffered"
+    the rows received and not handed out yet."""
     carry, carry_pos = None, None
     for block in blocks:
         rows, pieces, row_ids = block["tokens"], block["piece"], block["row"]
         stats["docs_tokenized"] += int(block["docs"][0]) if len(rows) else 0
+        stats["tokens_received"] = stats.get("tokens_received", 0) + rows.size
         keep = (pieces > state["piece"]) | ((pieces == state["piece"]) & (row_ids >= state["row"]))
         rows, pieces, row_ids = rows[keep], pieces[keep], row_ids[keep]
         if carry is not None and len(carry):
@@ -138,17 +140,19 @@ def _rebatch(blocks, B: int, state: dict, stats: dict):
         full = len(rows) // B * B
         for i in range(0, full, B):
             state["piece"], state["row"] = int(pieces[i + B - 1]), int(row_ids[i + B - 1]) + 1
+            stats["rows_buffered"] = len(rows) - i - B
             yield rows[i:i + B]
         carry, carry_pos = rows[full:], (pieces[full:], row_ids[full:])
 
 
 def packed_batches(pieces, B: int, T: int, tokenizer_dir, device="cpu", resume_state=None, *, allow_repeat=False,
-                   num_actors=1, actor_cpus=1.0, log_every: int = 100, stats=None, rank=None, world=None):
+                   num_actors=1, actor_cpus=1.0, log_every: int = 100, stats=None, rank=None, world=None, metrics=None):
     """Yield (inputs, targets, state) forever: (B, T) int64 tensors on `device` from this worker's pieces
     (rank and world size default to torch.distributed's or the torchrun environment's). Pass a saved
     `state` back as `resume_state` to continue where it was taken. At the end of the pieces: DataError, or
     with allow_repeat the next epoch. `stats` (a dict), if given, is kept up to date: "first_piece" the
-    pipeline started at, "docs_tokenized" by the pieces received, "docs_before_first_batch" of those."""
+    pipeline started at, "docs_tokenized" by the pieces received, "docs_before_first_batch" of those.
+    `metrics` (a RunMetrics), if given, gets the pool's tokens/s and the rows buffered ahead, each batch."""
     if rank is None or world is None:
         rank, world = get_dist_info()[1], get_dist_info()[3]
     mine = rank_pieces(pieces, rank, world)
@@ -160,13 +164,16 @@ def packed_batches(pieces, B: int, T: int, tokenizer_dir, device="cpu", resume_s
     while True:
         ds = build_rank_dataset(mine, tokenizer_dir, T, state["piece"], num_actors=num_actors, actor_cpus=actor_cpus,
                                 name=f"pretrain_rank{rank}_epoch{state['epoch']}")
-        t0, n = time.time(), 0
+        t0, n, stats["tokens_received"] = time.time(), 0, 0
         blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
         for rows in _rebatch(blocks, B, state, stats):
             stats.setdefault("docs_before_first_batch", stats["docs_tokenized"])
             if rows.shape[1] != T + 1:
                 raise ValueError(f"dataset rows have {rows.shape[1]} tokens, expected T+1 = {T + 1}: seq_len differs")
             inputs, targets = rows_to_batch(rows, device)
+            if metrics is not None:
+                metrics.log(data_tokens_per_s=stats["tokens_received"] / (time.time() - t0),
+                            data_rows_buffered=stats["rows_buffered"])
             yield inputs, targets, dict(state)
             n += 1
             if n % log_every == 0:

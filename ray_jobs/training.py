@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nanochat.common import NanochatError, SettingsError, get_base_dir, get_dist_info
 from ray_jobs.common import init_ray
+from ray_jobs.metrics import RunMetrics, Stopwatch
 
 logger = logging.getLogger("nanochat.train")
 
@@ -396,6 +397,14 @@ class TrainLoop:
         self.starts = state.get("starts", []) + [start_step]  # every (re)start of the loop, for the record
         self.start_workers = state.get("start_workers", []) + [self.world]  # and the workers it (re)started on
 
+    def metrics(self):
+        """This rank's RunMetrics (Ray's metrics, and --wandb on rank 0), tagged phase, run (the tag), rank."""
+        wandb_run = _init_wandb(self.config) if self.c.wandb and self.rank == 0 else None
+        metrics = RunMetrics(self.phase, self.c.tag, self.rank, wandb_run)
+        if len(self.starts) > 1 and self.rank == 0:  # this start is a restart (a worker lost, a resize, --resume)
+            metrics.log(train_restarts_total=1)
+        return metrics
+
     def save(self, step, reason):
         """Checkpoint on every rank; refuses (returns False) when the weights are no longer finite, so the
         last good checkpoint is never replaced by a broken one."""
@@ -433,7 +442,7 @@ class TrainLoop:
         from nanochat.checkpoint import find_last_step
         c, model, device = self.c, self.model, self.device
         flops_per_token, peak_flops = model.estimate_flops(), _peak_flops(device)
-        wandb_run = _init_wandb(self.config) if c.wandb and self.rank == 0 else None
+        metrics = self.metrics()
         step, start_step, num_iterations, status = self.start_step, self.start_step, self.num_iterations, "finished"
         while True:
             last = step == num_iterations
@@ -445,7 +454,7 @@ class TrainLoop:
                 self.curves[self.metric]["y"].append(self.value)
                 if self.rank == 0:
                     logger.info("step %d/%d: %s %.4f", step, num_iterations, self.metric, self.value)
-                    _wandb_log(wandb_run, {f"val/{self.metric}": self.value}, step)
+                    metrics.log(step, train_val_metric=self.value)
             if sample and self.rank == 0 and sample_every > 0 and (step % sample_every == 0 or last) and step > 0:
                 model.eval()
                 sample()
@@ -458,10 +467,11 @@ class TrainLoop:
                 break
 
             # one optimizer step: grad_accum micro-steps on every worker
-            t0 = time.time()
+            t0, data_wait = time.time(), Stopwatch()
 
             def next_batch_keeping_state():
-                inputs, targets, self.data_state = next_batch()
+                with data_wait:
+                    inputs, targets, self.data_state = next_batch()
                 return inputs, targets
             lr_mult = lr_multiplier(step, num_iterations, c.warmup_ratio, c.warmdown_ratio, c.final_lr_frac)
             loss_sum, tokens = optimizer_step(model, self.optimizers, next_batch_keeping_state, self.grad_accum, lr_mult,
@@ -486,20 +496,26 @@ class TrainLoop:
             self.tokens_trained += step_tokens
             self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * step_loss  # EMA from 0, debiased below
             debiased = self.smooth_loss / (1 - 0.9 ** step)
+            tok_per_s = step_tokens / dt
+            step_mfu = flops_per_token * tok_per_s / (peak_flops * self.world) if peak_flops else None
+            # every rank its own step and data-wait times, rank 0 the global numbers (a few calls a step)
+            own = dict(train_step_seconds=dt, train_data_wait_seconds=data_wait.take())
+            if self.rank == 0:
+                own.update(train_loss=debiased, train_lr_mult=lr_mult, train_tokens_per_s=tok_per_s, train_mfu=step_mfu,
+                           train_step=step, train_tokens_total=step_tokens)
+            metrics.log(step, **own)
             if self.rank == 0 and (step % c.log_every == 0 or step == num_iterations):
-                tok_per_s = step_tokens / dt
-                mfu = f", MFU {100 * flops_per_token * tok_per_s / (peak_flops * self.world):.1f}%" if peak_flops else ""
+                mfu = f", MFU {100 * step_mfu:.1f}%" if step_mfu is not None else ""
                 eta = (num_iterations - step) * (self.train_seconds / max(1, step - start_step - 1)) if step > start_step + 1 else 0
                 logger.info("%s step %d/%d: loss %.4f, lr x%.3f, %.0f tokens/s%s, %.2fs/step, ETA %.1f min",
                             self.phase, step, num_iterations, debiased, lr_mult, tok_per_s, mfu, dt, eta / 60)
                 self.curves["loss"]["x"].append(step)
                 self.curves["loss"]["y"].append(round(debiased, 5))
-                _wandb_log(wandb_run, {"train/loss": debiased, "train/lr_mult": lr_mult, "train/tok_per_s": tok_per_s}, step)
             if stop_requested:
                 status = "stopped" if self.save(step, "stop requested") else f"error: the weights are not finite at step {step}"
                 break
-        if wandb_run is not None:
-            wandb_run.finish()
+        if metrics.wandb_run is not None:
+            metrics.wandb_run.finish()
         final_loss = self.smooth_loss / (1 - 0.9 ** step) if step else 0.0
         # steady-state throughput: the steps after each (re)start's first, whose time includes warm-up and compiling
         tokens_per_s = self.timed_tokens / self.train_seconds if self.train_seconds else None
@@ -512,14 +528,10 @@ class TrainLoop:
 
 
 def _init_wandb(config):
+    """A Weights & Biases run named --wandb (WANDB_MODE=offline works: it writes under ./wandb to sync later)."""
     import wandb
     return wandb.init(project="nanochat-ray", name=config["wandb"],
                       config={k: v for k, v in config.items() if isinstance(v, (str, int, float, bool, type(None)))})
-
-
-def _wandb_log(run, data, step):
-    if run is not None:
-        run.log(data, step=step)
 
 
 # ---- phases that continue an earlier phase's checkpoint on conversations (mid, sft) ---------------------

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from nanochat.tokenizer import ConversationError, validate_conversation
+from ray_jobs.metrics import record
 
 
 @dataclass
@@ -245,6 +246,21 @@ def build_api(engine: EngineClient, config: ApiConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        """One chat completion; its outcome counted (nanochat_serve_requests_total): ok, 4xx, 5xx, timed_out,
+        or, for a stream the client left, cancelled (counted when the stream ends)."""
+        try:
+            response = await complete(request)
+        except ApiError as e:
+            count_outcome("timed_out" if e.status == 504 else f"{e.status // 100}xx")
+            raise
+        except BaseException as e:
+            count_outcome("cancelled" if isinstance(e, asyncio.CancelledError) else "5xx")
+            raise
+        if not isinstance(response, StreamingResponse):
+            count_outcome("ok")
+        return response
+
+    async def complete(request: Request):
         check_key(request)
         req = parse_request(await read_json(request, config.max_body_bytes), config)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -280,24 +296,30 @@ def build_api(engine: EngineClient, config: ApiConfig) -> FastAPI:
     return app
 
 
+def count_outcome(outcome):
+    record("nanochat_serve_requests_total", 1, outcome=outcome)
+
+
 async def _sse(stream, rid, created, model, prompt_tokens, include_usage):
     """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
-    done = False
+    done, outcome = False, "cancelled"
     try:
         yield _chunk(rid, created, model, {"role": "assistant", "content": ""})
         async for item in stream:
             if "text" in item:
                 yield _chunk(rid, created, model, {"content": item["text"]})
             elif "error" in item:
+                outcome = "timed_out"
                 yield f"data: {json.dumps({'error': {'message': item['error'], 'type': 'timeout'}})}\n\n"
                 break
             elif "finish_reason" in item:
                 yield _chunk(rid, created, model, finish=item["finish_reason"])
                 if include_usage:
                     yield _chunk(rid, created, model, usage=_usage(prompt_tokens, item["completion_tokens"]))
-        done = True
+        done, outcome = True, "ok" if outcome == "cancelled" else outcome
         yield "data: [DONE]\n\n"
     finally:
+        count_outcome(outcome)
         if not done:  # the client disconnected mid-stream: cancel the generation, freeing its batch slot
             stream.cancel()
 

@@ -21,7 +21,10 @@ from nanochat.checkpoint import CheckpointError, load_for_inference
 from nanochat.common import autodetect_device_type
 from nanochat.engine import TextStream
 from nanochat.tokenizer import ConversationError
+from ray_jobs.metrics import record
 from serve_app.scheduler import RequestTimeout, Scheduler
+
+GAUGE_EVERY_S = 1.0  # the replica's queue, slot and cache gauges are read from the scheduler this often
 
 
 @serve.deployment(name="NanochatEngine")
@@ -40,6 +43,8 @@ class EngineReplica:
         self.scheduler = Scheduler(model, self.tokenizer, max_batch, max_seq_len, prefill_chunk=prefill_chunk,
                                    prefix_cache_mb=prefix_cache_mb, cuda_graphs=cuda_graphs)
         self.reload_lock = asyncio.Lock()
+        self.replica = _replica_name()
+        self.gauges = None  # the task refreshing the gauges, started with the first request (needs the event loop)
 
     def _load(self, spec):
         model, tokenizer, meta = load_for_inference(spec, self.device, self.base_dir, self.tokenizer_dir)
@@ -54,7 +59,11 @@ class EngineReplica:
         "max_tokens", "temperature", "top_k", "seed"}. Yields, in order: {"prompt_tokens": n} once the
         prompt is accepted (or {"error": message, "status": http status} and nothing else), then
         {"text": piece} as complete characters arrive (special tokens are not shown), then
-        {"finish_reason": "stop" | "length", "completion_tokens": n} — or {"error", "status"} on a timeout."""
+        {"finish_reason": "stop" | "length", "completion_tokens": n} — or {"error", "status"} on a timeout.
+        Metrics: time to first token, the request's mean time per output token and its tokens (once each)."""
+        t_start = time.perf_counter()
+        if self.gauges is None:
+            self.gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         try:
             conversation = {"messages": [*request["messages"], {"role": "assistant", "content": ""}]}
             prompt = self.tokenizer.render_for_completion(conversation)
@@ -69,6 +78,8 @@ class EngineReplica:
         except RequestTimeout as e:
             yield {"error": str(e), "status": 504}
             return
+        t_first = time.perf_counter()
+        record("nanochat_serve_ttft_seconds", t_first - t_start, replica=self.replica)
         yield {"prompt_tokens": len(prompt)}
         text, count, finish = TextStream(self.tokenizer), 0, "length"
         try:
@@ -90,6 +101,10 @@ class EngineReplica:
             return
         finally:
             await tokens.aclose()  # a client that went away: the scheduler frees its slot
+            record("nanochat_serve_tokens_total", count, replica=self.replica)
+            if count > 1:
+                record("nanochat_serve_time_per_output_token_seconds", (time.perf_counter() - t_first) / (count - 1),
+                       replica=self.replica)
         tail = text.flush()
         if tail:
             yield {"text": tail}
@@ -104,6 +119,15 @@ class EngineReplica:
             self.checkpoint = loaded
         return self.info()
 
+    async def _refresh_gauges(self):
+        while True:
+            stats = self.scheduler.stats()
+            for name, value in (("queue_depth", stats["queue_depth"]), ("active_slots", stats["active"]),
+                                ("kv_slots_used", stats["active"] + stats["prefill_waiting"]),
+                                ("prefix_cache_hit_rate", stats["prefix_cache_hit_rate"])):
+                record(f"nanochat_serve_{name}", value, replica=self.replica)
+            await asyncio.sleep(GAUGE_EVERY_S)
+
     def info(self):
         return {"ready": True, "pid": os.getpid(), "device": str(self.device), "checkpoint": self.checkpoint}
 
@@ -113,3 +137,11 @@ class EngineReplica:
 
     def pid(self):
         return os.getpid()
+
+
+def _replica_name():
+    """This replica's id in Serve (its metrics' tag), or the process id outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a Serve replica (a test building the class directly)
+        return f"pid{os.getpid()}"

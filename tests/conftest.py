@@ -14,6 +14,16 @@ DEFAULT_MIRROR = REPO.parent / "shared" / "datasets"
 RAY_TEST_CPUS = 4  # logical CPUs: 2 train workers + room for data tasks/actors on a 2-core machine
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = _free_port()  # the session node's Prometheus endpoint (a fixed port, as a scraper would have)
+
+
 @pytest.fixture(scope="session")
 def mirror_dir():
     path = Path(os.environ.get("NANOCHAT_MIRROR", DEFAULT_MIRROR))
@@ -39,8 +49,10 @@ def ray_cluster(mirror_dir):
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     }
     os.environ.update(env_vars)
-    ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, runtime_env={"env_vars": env_vars},
-             object_store_memory=1 << 30, log_to_driver=True)
+    ray.init(address="local", num_cpus=RAY_TEST_CPUS, include_dashboard=False,  # always a new one: never a stale cluster file's
+             runtime_env={"env_vars": env_vars},
+             object_store_memory=1 << 30, log_to_driver=True, _metrics_export_port=METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 1000})  # exported every second, not every 10
     yield ray
     ray.shutdown()
 
@@ -66,3 +78,30 @@ def small_tokenizer(mirror_dir, tmp_path_factory):
     tokenizer = Tokenizer.train_from_iterator(mirror_texts(mirror_dir, 300_000), vocab_size=1024)
     directory = tokenizer.save(tmp_path_factory.mktemp("tokenizer"))
     return tokenizer, directory
+
+
+def scrape_metrics(port=None):
+    """The node's Prometheus endpoint, parsed: [(sample name, labels, value)] of the project's metrics."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+    text = requests.get(f"http://127.0.0.1:{port or METRICS_PORT}/metrics", timeout=10).text
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name.startswith("ray_nanochat_")]
+
+
+def wait_for_metrics(check, timeout_s=60):
+    """Poll the scrape until check(samples) is truthy (Ray exports every second); returns its value."""
+    import time
+    deadline = time.time() + timeout_s
+    while True:
+        samples = scrape_metrics()
+        found = check(samples)
+        if found or time.time() > deadline:
+            assert found, f"metrics never matched; seen: {sorted({name for name, _, _ in samples})}"
+            return found
+        time.sleep(1)
+
+
+def metric_values(samples, name, **labels):
+    """Values of the samples called `name` whose labels include `labels`."""
+    return [v for n, l, v in samples if n == name and all(l.get(k) == str(x) for k, x in labels.items())]
