@@ -11,7 +11,8 @@ Peers, deployed side by side in one local Ray (same model, one engine replica ea
                     and chunked prefill at their defaults;
 - continuous_plain: the same without prefix cache and chunked prefill (whole prompts at once): the
                     decoder before them;
-- one_per_replica:  the app with max batch 1: a replica decodes one request at a time, the rest wait.
+- one_per_replica:  the app with max batch 1: a replica decodes one request at a time, the rest wait;
+- continuous_no_metrics: continuous without Ray metrics (--no-metrics): what the metrics cost.
 Each of N clients sends --requests streaming requests back to back (OpenAI chat API, --max-tokens each);
 the peers alternate per N (a shared machine drifts). TTFT: request sent -> first content chunk, p50/p90
 over all requests; tokens/s: completion tokens of all requests / wall time of the round.
@@ -62,7 +63,8 @@ from serve_app.random_model import save_random_checkpoint  # noqa: E402
 
 PEERS = {"continuous": {"max_batch": args.max_batch},
          "continuous_plain": {"max_batch": args.max_batch, "prefix_cache_mb": 0, "prefill_chunk": 0},
-         "one_per_replica": {"max_batch": 1}}
+         "one_per_replica": {"max_batch": 1},
+         "continuous_no_metrics": {"max_batch": args.max_batch, "metrics": False}}
 PEERS = {name: PEERS[name] for name in args.peers.split(",")}
 TOPICS = ["the sea", "a red fox", "bread", "the moon", "winter", "a train", "old maps", "bees"]
 

@@ -5,10 +5,14 @@ the panels of monitoring/grafana_nanochat.json (see the README's "Watch it").
 
 Every metric is defined here, once (METRICS: name -> kind, description, tag keys). Updates are a few per
 optimizer step or per request, never per token: a decode step or a training step costs milliseconds, a
-metric update microseconds. Outside a Ray worker or driver (a plain script, a unit test) updates do
-nothing. `--wandb` runs log the same names (without the prefix) to Weights & Biases.
+metric update microseconds. Outside a Ray worker or driver (a plain script, a unit test), or with
+NANOCHAT_METRICS=0 in the process's environment, updates do nothing. `--wandb` runs log the same names
+(without the prefix) to Weights & Biases.
 """
+import os
 import time
+
+METRICS_ENV = "NANOCHAT_METRICS"  # "0": no metrics from this process (the benches measure their cost so)
 
 # name: (kind, description, tag keys[, histogram boundaries])
 RUN_TAGS = ("phase", "run", "rank")
@@ -63,7 +67,7 @@ def _ray_ready():
 def metric(name):
     """The ray.util.metrics object of METRICS[name] (made once per process), or None outside Ray."""
     if name not in _made:
-        if not _ray_ready():
+        if os.environ.get(METRICS_ENV) == "0" or not _ray_ready():
             return None
         from ray.util import metrics
         kind, description, tags, *rest = METRICS[name]

@@ -11,6 +11,7 @@ import os
 from dataclasses import fields
 
 from nanochat.common import get_base_dir
+from ray_jobs.metrics import METRICS_ENV
 from serve_app.api import ApiConfig, Ingress
 from serve_app.engine import EngineReplica
 
@@ -59,6 +60,8 @@ def parser():
     p.add_argument("--max-total-chars", type=int, default=64_000)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--no-ui", dest="ui", action="store_false", help="no Gradio page")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false",
+                   help="no Ray metrics from the replicas and the ingress (bench/serve.py measures their cost)")
     return p
 
 
@@ -70,14 +73,15 @@ def build_app(args=None):
         for key, value in (args or {}).items():
             flag = "--" + key.replace("_", "-")
             off = str(value).lower() in ("0", "false", "no")
-            if flag == "--ui" and off:
-                argv.append("--no-ui")
+            if flag in ("--ui", "--metrics") and off:
+                argv.append(f"--no-{flag[2:]}")
             elif flag == "--cuda-graphs" and not off:  # a switch: no value
                 argv.append(flag)
-            elif flag not in ("--ui", "--cuda-graphs"):
+            elif flag not in ("--ui", "--metrics", "--cuda-graphs"):
                 argv.append(f"{flag}={value}")
         args = parser().parse_args(argv)
     gpus = args.gpus_per_replica
+    metrics_off = {} if args.metrics else {"runtime_env": {"env_vars": {METRICS_ENV: "0"}}}
     if gpus is None:
         import torch
         gpus = 1.0 if torch.cuda.is_available() else 0.0
@@ -87,7 +91,7 @@ def build_app(args=None):
                                           "target_ongoing_requests": args.max_batch}}
     engine = EngineReplica.options(
         **scaling,
-        ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": gpus, **metrics_off},
         max_ongoing_requests=args.max_ongoing_requests or 2 * args.max_batch,
         # a replaced replica (redeploy, scale-down) gets this long to finish its streams
         graceful_shutdown_timeout_s=args.timeout_s,
@@ -98,5 +102,5 @@ def build_app(args=None):
            args.cuda_graphs)
     api = ApiConfig(**{f.name: getattr(args, f.name) for f in fields(ApiConfig) if hasattr(args, f.name)})
     # streams mostly wait on the engine: the ingress needs little CPU but many requests in flight
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0, **metrics_off}, max_ongoing_requests=1000)
     return ingress.bind(engine, vars(api))

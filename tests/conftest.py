@@ -105,3 +105,24 @@ def wait_for_metrics(check, timeout_s=60):
 def metric_values(samples, name, **labels):
     """Values of the samples called `name` whose labels include `labels`."""
     return [v for n, l, v in samples if n == name and all(l.get(k) == str(x) for k, x in labels.items())]
+
+
+DASHBOARD = REPO / "monitoring" / "grafana_nanochat.json"
+EVENT_COUNTERS = {"nanochat_train_restarts_total", "nanochat_rl_rollouts_refused_total", "nanochat_rl_actors_replaced_total"}
+
+
+def dashboard_metrics():
+    """The project's metric names (without Ray's ray_ prefix) the Grafana dashboard's queries read."""
+    import json
+    import re
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    return {re.sub(r"_(bucket|count|sum)$", "", m) for e in exprs for m in re.findall(r"ray_(nanochat_\w+)", e)}
+
+
+def assert_dashboard_finds(samples, prefix):
+    """Every dashboard metric starting with `prefix` is in the scrape (event counters only once they counted)."""
+    import re
+    scraped = {re.sub(r"^ray_|_(bucket|count|sum)$", "", name) for name, _, _ in samples}
+    missing = {m for m in dashboard_metrics() if m.startswith(prefix) and m not in EVENT_COUNTERS} - scraped
+    assert not missing, f"the dashboard queries {sorted(missing)}, which the scrape does not have"

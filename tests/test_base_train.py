@@ -15,7 +15,7 @@ import torch
 from nanochat.checkpoint import build_model, checkpoint_dir, find_last_step
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer_dir
-from conftest import metric_values, wait_for_metrics
+from conftest import assert_dashboard_finds, metric_values, wait_for_metrics
 from ray_jobs import base_train
 
 TINY_FLAGS = ["--depth", "2", "--head-dim", "32", "--max-seq-len", "128", "--device-batch-size", "4",
@@ -39,6 +39,18 @@ def run(flags):
 def test_tiny_run_trains_and_checkpoints(base_setup, tmp_path):
     summary = run(["--num-iterations", "30", "--eval-every", "15", "--save-every", "5", "--keep-checkpoints", "2", "--tag", "t1"])
     assert summary["status"] == "finished" and summary["step"] == 30
+    # the live metrics, as the node's Prometheus endpoint serves them (scraped at once: a finished worker's
+    # series leave it ~15 s after it exits), agree with the run's summary
+    run_tags = dict(phase="base", run="t1")
+    samples = wait_for_metrics(lambda s: s if metric_values(s, "ray_nanochat_train_step", **run_tags) == [30.0] else None)
+    assert metric_values(samples, "ray_nanochat_train_tokens_total", **run_tags, rank=0) == [30 * 1024]  # steps x batch
+    assert metric_values(samples, "ray_nanochat_train_loss", **run_tags) == [pytest.approx(summary["final_loss"], rel=1e-6)]
+    assert metric_values(samples, "ray_nanochat_train_val_metric", **run_tags) == [pytest.approx(summary["val_bpb"], rel=1e-6)]
+    assert len(metric_values(samples, "ray_nanochat_train_step_seconds", **run_tags)) == 2  # one per rank
+    assert sorted(metric_values(samples, "ray_nanochat_train_restarts_total", **run_tags)) in ([], [0.0])  # never restarted
+    assert len(metric_values(samples, "ray_nanochat_data_tokens_per_s", **run_tags)) == 2
+    assert_dashboard_finds(samples, "nanochat_train_")
+    assert_dashboard_finds(samples, "nanochat_data_")
     losses = summary["curves"]["loss"]["y"]
     assert losses[-1] < losses[0] - 0.5, losses  # it learns
     assert len(summary["curves"]["val_bpb"]["y"]) == 3 and summary["val_bpb"] < summary["curves"]["val_bpb"]["y"][0]
@@ -50,15 +62,6 @@ def test_tiny_run_trains_and_checkpoints(base_setup, tmp_path):
     assert all(s["epoch"] == 0 and s["piece"] >= 0 and s["row"] > 0 for s in meta["data_state"])
     logits = model(torch.tensor([base_setup.encode("hello world", prepend="<|bos|>")]))
     assert torch.isfinite(logits).all()
-    # the live metrics, as the node's Prometheus endpoint serves them, agree with the run's summary
-    run_tags = dict(phase="base", run="t1")
-    samples = wait_for_metrics(lambda s: s if metric_values(s, "ray_nanochat_train_step", **run_tags) == [30.0] else None)
-    assert metric_values(samples, "ray_nanochat_train_tokens_total", **run_tags, rank=0) == [30 * 1024]  # steps x batch
-    assert metric_values(samples, "ray_nanochat_train_loss", **run_tags) == [pytest.approx(summary["final_loss"], rel=1e-6)]
-    assert metric_values(samples, "ray_nanochat_train_val_metric", **run_tags) == [pytest.approx(summary["val_bpb"], rel=1e-6)]
-    assert len(metric_values(samples, "ray_nanochat_train_step_seconds", **run_tags)) == 2  # one per rank
-    assert sorted(metric_values(samples, "ray_nanochat_train_restarts_total", **run_tags)) in ([], [0.0])  # never restarted
-    assert len(metric_values(samples, "ray_nanochat_data_tokens_per_s", **run_tags)) == 2
 
 
 def _parent_pid(pid):

@@ -14,6 +14,7 @@ from nanochat.checkpoint import find_last_step, load_meta, save_checkpoint
 from nanochat.common import get_base_dir
 from nanochat.gpt import GPTConfig, create_model
 from nanochat.tokenizer import get_tokenizer_dir
+from conftest import assert_dashboard_finds, metric_values, wait_for_metrics
 from ray_jobs import chat_rl
 from tasks.common import assistant_text
 from tasks.simple_arith import SimpleArith
@@ -233,6 +234,14 @@ def test_tiny_rl_run_raises_the_reward_replaces_a_killed_actor_and_resumes(ray_c
     summary = chat_rl.main(rl_args("--train-examples", "32", "--num-steps", str(steps), "--eval-every", "12", "--save-every", "12"))
     killer.join(timeout=5)
     assert summary["status"] == "finished" and summary["step"] == steps
+    # the live metrics, scraped at once (a finished worker's series leave the endpoint ~15 s after it exits),
+    # agree with the summary: the last reward, the last pass@k, the actor replaced
+    tags = dict(phase="rl", run="tiny", rank=0)
+    samples = wait_for_metrics(lambda s: s if steps in metric_values(s, "ray_nanochat_train_step", **tags) else None)
+    assert metric_values(samples, "ray_nanochat_rl_mean_reward", **tags) == [pytest.approx(summary["curves"]["reward"]["y"][-1], abs=1e-5)]
+    assert metric_values(samples, "ray_nanochat_rl_pass_at_k", **tags, k=4) == [pytest.approx(summary["results"]["SimpleArith pass@k"])]
+    assert sum(metric_values(samples, "ray_nanochat_rl_actors_replaced_total", **tags)) == summary["actors_replaced"] == 1
+    assert_dashboard_finds(samples, "nanochat_rl_")
     # the killed actor was replaced, loaded the current weights, and sampled its share of the batch again
     assert killer.killed is not None, "no rollout actor was killed"
     assert summary["actors_replaced"] == 1 and summary["rollouts_refused"] == 0
@@ -257,3 +266,6 @@ def test_tiny_rl_run_raises_the_reward_replaces_a_killed_actor_and_resumes(ray_c
     assert resumed["status"] == "finished" and resumed["step"] == steps + 1 and resumed["starts"] == [0, steps]
     assert resumed["curves"]["reward"]["y"][:steps] == rewards and len(resumed["curves"]["reward"]["y"]) == steps + 1
     assert load_meta(ckpt_dir, steps + 1)["data_state"] == [{"example": 8 * (steps + 1)}] * 2  # every rank's: the same
+    # the resumed run's live metrics: its step, one restart (the --resume)
+    samples = wait_for_metrics(lambda s: s if steps + 1 in metric_values(s, "ray_nanochat_train_step", **tags) else None)
+    assert sum(metric_values(samples, "ray_nanochat_train_restarts_total", **tags)) == 1

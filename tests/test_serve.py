@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import assert_dashboard_finds, metric_values, scrape_metrics, wait_for_metrics
 from nanochat.checkpoint import build_model, checkpoint_dir
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
@@ -347,6 +348,31 @@ def test_short_request_overtakes_long_one(served):
     run("short", 4)
     long.join()
     assert done["short"] < done["long"]
+
+
+def test_metrics_count_what_the_clients_saw(served):
+    """The node's Prometheus endpoint, before and after a few requests: the time-to-first-token histogram
+    counted each answered request once, the outcome counters the 200s and 4xx the client got, the token
+    counter the completion tokens the API reported, and the gauges are there per replica."""
+    def totals(samples):
+        summed = lambda name, **labels: sum(metric_values(samples, name, **labels))  # over the replicas
+        return {"ttft": summed("ray_nanochat_serve_ttft_seconds_count"), "tokens": summed("ray_nanochat_serve_tokens_total"),
+                "tpot": summed("ray_nanochat_serve_time_per_output_token_seconds_count"),
+                **{o: summed("ray_nanochat_serve_requests_total", outcome=o) for o in ("ok", "4xx", "5xx", "cancelled")}}
+    time.sleep(3)  # what the earlier tests did is exported by now
+    before = totals(scrape_metrics())
+    answers = [served.chat(f"Question {i}?", max_tokens=5 + i, temperature=0) for i in range(3)]
+    with requests.post(f"{served.url}/v1/chat/completions", stream=True, timeout=60, json={
+            "messages": [{"role": "user", "content": "Stream it."}], "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+    refused = [served.chat("hi", max_tokens=0), served.chat("hi", temperature=-1)]
+    assert [a.status_code for a in answers] == [200] * 3 and [a.status_code for a in refused] == [400, 400]
+    tokens = sum(a.json()["usage"]["completion_tokens"] for a in answers) + chunks[-1]["usage"]["completion_tokens"]
+    want = {**before, "ttft": before["ttft"] + 4, "tpot": before["tpot"] + 4, "tokens": before["tokens"] + tokens,
+            "ok": before["ok"] + 4, "4xx": before["4xx"] + 2}
+    samples = wait_for_metrics(lambda samples: samples if totals(samples) == want else None)
+    assert_dashboard_finds(samples, "nanochat_serve_")  # the gauges per replica too
 
 
 def test_limits_are_4xx(served):
