@@ -45,12 +45,19 @@ class ApiConfig:
 
 # ---- the request, as pydantic sees it ---------------------------------------------------------------
 
+# strict types, as OpenAI's API has them: "stream": "yes" or "max_tokens": "5" is a 400 naming the field,
+# not coerced; an integer is still a valid float ("temperature": 1) and null a valid optional field
+STRICT = ConfigDict(strict=True)
+
+
 class TextPart(BaseModel):
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = STRICT
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -59,11 +66,12 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    model_config = ConfigDict(extra="ignore", strict=True)  # OpenAI clients send fields we do not use (user, ...)
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -92,7 +100,8 @@ def parse_request(data, config: ApiConfig) -> ChatRequest:
         req = ChatRequest.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
-        raise ApiError(400, f"invalid request: {problems}") from None
+        first = e.errors()[0]["loc"]
+        raise ApiError(400, f"invalid request: {problems}", str(first[0]) if first else None) from None
     if len(req.messages) > config.max_messages:
         raise ApiError(400, f"too many messages: {len(req.messages)} (at most {config.max_messages})", "messages")
     total = 0

@@ -111,15 +111,17 @@ def test_scheduler_cancel_timeout_seed_and_reload(local_model, tok, tmp_path):
         with pytest.raises(ValueError, match="at most"):
             await collect(scheduler.generate(list(range(SEQ_LEN)), 5))
         # a reload mid-request: the running request finishes on the old weights, new ones use the new
-        long = asyncio.create_task(collect(scheduler.generate(prompt, 60, temperature=0.0)))
-        await asyncio.sleep(0.02)
         other = tmp_path / "other"
         save_random_checkpoint(other, tok, tiny_config(tok), seed=5)
         new_model = build_model(other, 0, "cpu")[0]
+        long_stream = scheduler.generate(prompt, 60, temperature=0.0)
+        long_first = await anext(long_stream)  # it is decoding now
         scheduler.reload(new_model)
         before_short = scheduler.stats()
+        assert before_short["draining_decoders"] == 1 and before_short["in_flight"] == 1  # still running at the reload
+        long = asyncio.create_task(collect(long_stream))
         short = await collect(scheduler.generate(prompt, 8, temperature=0.0))
-        return after_cancel, a, b, await long, short, new_model, (before_b, after_b, before_short, scheduler.stats())
+        return after_cancel, a, b, long_first + await long, short, new_model, (before_b, after_b, before_short, scheduler.stats())
 
     after_cancel, a, b, long, short, new_model, (before_b, after_b, before_short, stats) = asyncio.run(main())
     assert after_cancel["requests_cancelled"] == 1 and after_cancel["active"] == 0
@@ -193,6 +195,34 @@ def test_health_503_until_loaded_and_api_key():
     r = client.post("/v1/chat/completions", json={**body, "max_tokens": 99, "stream": True}, headers=good)
     events = [line for line in r.text.splitlines() if line.startswith("data: ")]
     assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+
+
+def test_request_types_are_strict_and_the_openai_clients_payloads_pass():
+    """Loosely typed JSON is a 400 naming the field (as OpenAI's API answers it), not coerced; ints are floats,
+    nulls are absent optional fields; and what the real `openai` client sends, streaming included, works."""
+    from openai import OpenAI
+
+    from serve_app.api import ApiConfig
+    client = fake_client(True, ApiConfig(ui=False))
+    user = [{"role": "user", "content": "hey"}]
+    loose = {"stream": "yes", "stream_options": {"include_usage": 1}, "max_tokens": "5", "temperature": "1",
+             "top_k": 2.5, "seed": True, "n": "1", "messages": [{"role": "user", "content": 5}]}
+    for field, value in loose.items():
+        r = client.post("/v1/chat/completions", json={"messages": user, field: value})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == field and field in error["message"], (field, r.text)
+    for fine in ({"temperature": 1}, {"temperature": 0.5, "top_k": None, "seed": None, "max_tokens": None,
+                                      "stream_options": None, "model": None}, {"stream": False, "n": 1}):
+        assert client.post("/v1/chat/completions", json={"messages": user, **fine}).status_code == 200, fine
+    # the real client's own payloads (it talks to the app in-process: TestClient is an httpx client)
+    openai = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+    reply = openai.chat.completions.create(model="nanochat", messages=user, temperature=1, max_tokens=5, seed=3,
+                                           top_p=1, presence_penalty=0, user="me", extra_body={"top_k": 4})
+    assert reply.choices[0].message.content == "hi" and reply.choices[0].finish_reason == "stop"
+    chunks = list(openai.chat.completions.create(model="nanochat", messages=user, stream=True,
+                                                 stream_options={"include_usage": True}, max_completion_tokens=5))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hi"
+    assert chunks[-1].usage.completion_tokens == 1
 
 
 def test_stats_add_up_the_replicas_and_their_prefix_cache_hit_rate():
