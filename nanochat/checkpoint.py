@@ -224,6 +224,24 @@ def resolve_checkpoint(spec=None, base_dir=None):
     return path, step
 
 
+def check_for_inference(spec=None, base_dir=None, tokenizer_dir=None):
+    """What load_for_inference would refuse, found without reading the weights (a server's driver checks it
+    before deploying): the checkpoint is complete, the tokenizer there, and the one it was trained with.
+    CheckpointError or TokenizerError; returns the checkpoint's path."""
+    from nanochat import export
+    from nanochat.tokenizer import get_tokenizer
+    path = None if spec is None else spec_path(spec, base_dir)
+    if path is not None and export.is_exported_dir(path) and tokenizer_dir is None:
+        return path  # it brings its own tokenizer
+    path, step = resolve_checkpoint(spec, base_dir)
+    meta = load_meta(path, step)
+    tokenizer = get_tokenizer(tokenizer_dir or Path(base_dir or get_base_dir()) / "tokenizer")
+    if meta.get("tokenizer") and meta["tokenizer"] != tokenizer.fingerprint():
+        raise CheckpointError(f"{path} step {step} was trained with tokenizer {meta['tokenizer']}, but the tokenizer "
+                              f"in use is {tokenizer.fingerprint()}")
+    return path
+
+
 def load_for_inference(spec=None, device="cpu", base_dir=None, tokenizer_dir=None):
     """(model in eval mode, tokenizer, meta) for a checkpoint spec (see resolve_checkpoint) or a directory
     written by nanochat.export, which carries its own tokenizer. Refuses a checkpoint trained with another

@@ -31,9 +31,10 @@ def main(argv=None):
         for info in engine.broadcast("reload", args.reload).results():
             print(f"replica {info['pid']}: {info['checkpoint']['path']} step {info['checkpoint']['step']}")
         return 0
+    app = build_app(args)  # checks the checkpoint and tokenizer before Ray starts
     init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix=args.route_prefix)
+    serve.run(app, name=APP_NAME, route_prefix=args.route_prefix)
     print(f"serving on http://{args.host}:{args.port}{args.route_prefix} (Ctrl-C stops)", flush=True)
     try:
         while True:
@@ -44,4 +45,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nanochat.common import one_line_errors
+    with one_line_errors("serve_app"):  # a missing checkpoint or tokenizer: one line, before anything deploys
+        sys.exit(main())

@@ -10,7 +10,8 @@ import argparse
 import os
 from dataclasses import fields
 
-from nanochat.common import get_base_dir
+from nanochat.checkpoint import check_for_inference
+from nanochat.common import ArgumentParser, get_base_dir
 from ray_jobs.metrics import METRICS_ENV
 from serve_app.api import ApiConfig, Ingress
 from serve_app.engine import EngineReplica
@@ -20,7 +21,7 @@ PREFILL_CHUNK = 128  # measured on the CPU at depth 4 (bench/results/serve_engin
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m serve_app", description="Serve a nanochat checkpoint on Ray Serve: "
+    p = ArgumentParser(prog="python -m serve_app", description="Serve a nanochat checkpoint on Ray Serve: "
                                 "OpenAI-compatible API, Gradio chat page, continuous batching.")
     p.add_argument("--checkpoint", default=None, help="step dir, tag dir, path under <base>/checkpoints (e.g. sft/d20) "
                    "or a dir written by nanochat.export (default: the latest chat checkpoint: sft, else mid, else rl)")
@@ -80,6 +81,8 @@ def build_app(args=None):
             elif flag not in ("--ui", "--metrics", "--cuda-graphs"):
                 argv.append(f"{flag}={value}")
         args = parser().parse_args(argv)
+    # a missing checkpoint or tokenizer stops the driver with one line, before any replica starts
+    check_for_inference(args.checkpoint, args.base_dir or str(get_base_dir()), args.tokenizer_dir)
     gpus = args.gpus_per_replica
     metrics_off = {} if args.metrics else {"runtime_env": {"env_vars": {METRICS_ENV: "0"}}}
     if gpus is None:

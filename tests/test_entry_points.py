@@ -64,6 +64,13 @@ def test_impossible_batch_arithmetic(places, mirror_dir):
 def test_missing_checkpoint(places, mirror_dir):
     message = one_line(run(["ray_jobs/chat_sft.py", "--preset", "tiny"], places["with_tokenizer"], mirror_dir))
     assert message.startswith("chat_sft: no complete checkpoint for phase mid or base") and "run the previous phase first" in message
+    # the Serve app and the chat CLI: before any replica deploys (before Ray starts) / before loading
+    message = one_line(run(["-m", "serve_app", "--checkpoint", "sft/nope"], places["with_tokenizer"], mirror_dir))
+    assert message.startswith("serve_app: no complete checkpoint at ") and "sft/nope" in message
+    message = one_line(run(["-m", "serve_app"], places["with_tokenizer"], mirror_dir))
+    assert message.startswith("serve_app: no chat checkpoint (sft, mid or rl)"), message
+    message = one_line(run(["-m", "serve_app", "--replicas", "two"], places["with_tokenizer"], mirror_dir))
+    assert message.startswith("python -m serve_app: error: argument --replicas: invalid int value"), message
 
 
 def test_resume_onto_a_checkpoint_of_another_tokenizer(places, mirror_dir, tmp_path):
