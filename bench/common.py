@@ -3,6 +3,7 @@ same one), and how its one JSON line is printed and kept."""
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 from nanochat.report import cpu_model
@@ -25,7 +26,13 @@ def machine_info():
 
 
 def emit(result: dict, out=None):
-    """Print the benchmark's one JSON line; with `out`, also keep it in that file (bench/results/...)."""
+    """Print the benchmark's one JSON line; with `out`, also keep it in that file (bench/results/...). Every
+    record says how it was made: the exact command (unless the bench wrote it), and the 1-minute load average
+    at the end beside the start's (machine_info)."""
+    script = os.path.relpath(sys.argv[0], Path(__file__).resolve().parents[1])  # relative: no machine's path
+    result = {"command": " ".join(["python", script, *sys.argv[1:]]), **result}
+    if isinstance(result.get("machine"), dict):
+        result["machine"].setdefault("loadavg_1m_end", round(os.getloadavg()[0], 2))
     line = json.dumps(result)
     print(line)
     if out:
