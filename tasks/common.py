@@ -25,13 +25,13 @@ import random
 from pathlib import Path
 from urllib.parse import urlparse
 
-from nanochat.common import download_file, get_base_dir, get_mirror_dir
+from nanochat.common import NanochatError, download_file, get_base_dir, get_mirror_dir
 from nanochat.tokenizer import validate_conversation
 
 logger = logging.getLogger("nanochat.tasks")
 
 
-class TaskDataError(ValueError):
+class TaskDataError(NanochatError, ValueError):
     """A task data file that is missing, cannot be downloaded, or has a malformed row (named in the message)."""
 
 

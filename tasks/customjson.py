@@ -6,7 +6,7 @@ IDENTITY_CONVERSATIONS is the model's own identity data (who nanochat is), kept 
 """
 from pathlib import Path
 
-from tasks.common import Task, load_conversations
+from tasks.common import Task, TaskDataError, load_conversations
 
 IDENTITY_CONVERSATIONS = Path(__file__).with_name("identity_conversations.jsonl")
 
@@ -24,5 +24,5 @@ class CustomJSON(Task):
         super().__init__(**kwargs)
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"conversations file {self.path} does not exist")
+            raise TaskDataError(f"conversations file {self.path} does not exist: give a JSONL file of conversations")
         self.conversations = load_conversations([self.path], custom_conversation)

@@ -283,7 +283,7 @@ def test_custom_json_formats_and_malformed_rows(tmp_path):
         path = write_lines(tmp_path / "bad.jsonl", [GOOD, GOOD, bad, GOOD])
         with pytest.raises(TaskDataError, match=f"{path}:3: "):
             CustomJSON(path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(TaskDataError, match=r"missing.jsonl does not exist: give a JSONL file"):
         CustomJSON(tmp_path / "missing.jsonl")
 
 
