@@ -577,3 +577,53 @@ def test_rollout_by_redeploy_fails_no_request(served):
     assert served.engine().broadcast("pid").results(timeout_s=30) != [old_pid]
     assert answer_is_from(served, "v3")
     assert requests.get(f"{served.url}/health").json()["checkpoints"][0].endswith("v3")
+
+
+def test_api_key_on_the_real_deployment_and_in_the_browser(served, tmp_path):
+    """Redeployed with an API key (last in the module: the app keeps it): the API refuses requests without it,
+    answers with it; the chat page shows a login form, and after the key is given there it chats."""
+    from ray import serve
+
+    from serve_app.app import build_app
+    key = "s3cret-key"
+    serve.run(build_app({**served.settings, "checkpoint": "sft/v3", "api_key": key}), name="nanochat")
+    body = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 12, "temperature": 0}
+    url = f"{served.url}/v1/chat/completions"
+    refused = requests.post(url, json=body, timeout=60)
+    assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"]
+    assert requests.get(f"{served.url}/stats", timeout=30).status_code == 401
+    answer = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    want = greedy_text(served.model("v3"), served.tok, body["messages"], 12)[0]
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == want
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: the chat page test needs it (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox"] if os.geteuid() == 0 else [])
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(served.url + "/ui/", wait_until="domcontentloaded")
+        password = page.locator("input[type=password]")
+        password.wait_for(timeout=60_000)  # a login form, not the chat
+        assert page.locator("[data-testid=bot]").count() == 0
+        page.locator("input:not([type=password])").first.fill("me")
+        password.fill("wrong")
+        password.press("Enter")
+        page.get_by_text("Incorrect", exact=False).first.wait_for(timeout=30_000)
+        page.locator("input:not([type=password])").first.fill("me")  # the failed attempt cleared it
+        password.fill(key)
+        with page.expect_response(lambda r: "/login" in r.url, timeout=60_000) as login:
+            page.get_by_role("button", name="Login").click()
+        assert login.value.status == 200
+        page.goto(served.url + "/ui/", wait_until="domcontentloaded")  # logged in: the session cookie
+        page.locator("input[type=password]").wait_for(state="detached", timeout=60_000)
+        box = page.get_by_role("textbox").first
+        box.wait_for(timeout=60_000)
+        box.fill("Hello!")
+        box.press("Enter")
+        bot = page.locator("[data-testid=bot]").last
+        bot.wait_for(timeout=60_000)
+        page.wait_for_function("() => { const b = document.querySelectorAll('[data-testid=bot]'); "
+                               "return b.length && b[b.length - 1].innerText.length > 10; }", timeout=60_000)
+        page.screenshot(path=str(tmp_path / "chat_with_key.png"))
+        browser.close()
