@@ -3,7 +3,9 @@
 bad input, inference weights; and the chat CLI end to end."""
 import copy
 import io
+import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -535,6 +537,63 @@ def test_chunked_prefill_keeps_the_batch_decoding(model, tok):
     assert first + run_decoder(decoder)["long"] == naive_greedy(model, tok, long, 6)
     with pytest.raises(ValueError, match="prefill_chunk"):
         BatchDecoder(model, tok, prefill_chunk=0)
+
+
+def test_idle_decoder_prefills_whole_prompts(model, tok):
+    """With nobody decoding there is nobody to stall: prompts arriving at an idle decoder are prefilled whole
+    in one step whatever prefill_chunk (each samples its first token in it), and a newcomer is chunked
+    again once they decode; the tokens are those of prefilling them alone."""
+    ps = prompts(tok)
+    assert len(ps[1]) > 4 and len(ps[2]) > 4
+    decoder = BatchDecoder(model, tok, max_batch=3, prefill_chunk=4)
+    decoder.add(1, ps[1], max_tokens=10, temperature=0.0)
+    decoder.add(2, ps[2], max_tokens=10, temperature=0.0)
+    first = decoder.step()
+    assert [e.request_id for e in first] == [1, 2]
+    assert decoder.stats()["tokens_prefilled"] == len(ps[1]) + len(ps[2])
+    decoder.add(0, ps[2], max_tokens=3, temperature=0.0)  # 1 and 2 decode: 4 tokens per step
+    steps = [decoder.step() for _ in range(-(-len(ps[2]) // 4))]
+    assert [0 in [e.request_id for e in events] for events in steps] == [False] * (len(steps) - 1) + [True]
+    out = {rid: [e.token for e in first + sum(steps, []) if e.request_id == rid] for rid in (0, 1, 2)}
+    for rid, tokens in run_decoder(decoder).items():
+        out[rid] += tokens
+    assert out == {0: naive_greedy(model, tok, ps[2], 3), 1: naive_greedy(model, tok, ps[1], 10),
+                   2: naive_greedy(model, tok, ps[2], 10)}
+
+
+FREED_MEMORY_PROBE = """
+import ctypes, json, resource
+from nanochat.engine import keep_freed_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def faults(rounds=4, size=8 * 2**20):  # per round, three 8 MB blocks written then freed: a step's temporaries
+    out = []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        blocks = [libc.malloc(size) for _ in range(3)]
+        for b in blocks:
+            ctypes.memset(b, 1, size)
+        for b in blocks:
+            libc.free(b)
+        out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    return out
+print(json.dumps([faults(), keep_freed_memory(), faults()]))
+"""
+
+
+def test_keep_freed_memory_stops_refaulting_a_steps_temporaries(model, tok, monkeypatch):
+    """In a fresh process, glibc's defaults hand three freed 8 MB blocks back to the kernel every round (each
+    round faults its 24 MB in again: 6,144 pages of 4 KiB); after keep_freed_memory, rounds after the first
+    reuse them (no fault). A CPU BatchDecoder calls it."""
+    out = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    before, tuned, after = json.loads(out)
+    pages = 3 * 8 * 2**20 // resource.getpagesize()
+    assert tuned and min(before) > 0.9 * pages and after[1:] == [0] * (len(after) - 1), (before, after)
+    calls = []
+    monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: calls.append(1))
+    BatchDecoder(model, tok, max_batch=1)
+    assert calls == [1]
 
 
 # ---- inference weights ---------------------------------------------------------------------------------
