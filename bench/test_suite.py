@@ -20,6 +20,7 @@ from bench.common import emit, machine_info  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--durations", type=int, default=25)
 parser.add_argument("--budget-s", type=float, default=40 * 60)
+parser.add_argument("--log", default=None, help="also keep pytest's whole output in this file")
 parser.add_argument("--out", default=None)
 args = parser.parse_args()
 
@@ -31,9 +32,14 @@ def main():
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     wall = time.time() - t0
     out = run.stdout
+    if args.log:
+        Path(args.log).write_text(out + "\n--- stderr ---\n" + run.stderr)
     slowest = [{"seconds": float(s), "phase": phase, "test": test} for s, phase, test in
                re.findall(r"^([\d.]+)s (call|setup|teardown)\s+(\S+)$", out, flags=re.M)]
-    summary = out.strip().splitlines()[-1] if out.strip() else run.stderr[-500:]
+    lines = out.strip().splitlines()
+    summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed)", line)), None)
+    if summary is None:  # pytest never got to its summary: keep the end of what it said
+        summary = "\n".join(lines[-5:] + run.stderr.strip().splitlines()[-15:])
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary)}
     emit({"bench": "test_suite", "wall_s": round(wall, 1), "budget_s": args.budget_s,
           "share_of_budget": round(wall / args.budget_s, 3), "exit_code": run.returncode, "counts": counts,

@@ -105,7 +105,11 @@ class Nodes:
 def cluster(tmp_path_factory):
     from ray._private.utils import read_ray_address, write_ray_address
     from ray.cluster_utils import Cluster
+    from ray.experimental import internal_kv
     previous = read_ray_address()  # Cluster records its address as the machine's current cluster: restored below
+    # and its head points this process's internal-KV client at its own GCS: the session's Ray (Ray Data's
+    # usage records, in later modules) would then talk to a GCS removed below and wait on it forever
+    session_kv = internal_kv.internal_kv_get_gcs_client()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = Nodes(cluster)
     # a node that does not see one directory (test_a_run_refuses_storage_a_node_cannot_see); no CPU, so nothing
@@ -123,6 +127,8 @@ def cluster(tmp_path_factory):
             cluster.remove_node(node, allow_graceful=False)
         if previous:
             write_ray_address(previous)
+        if session_kv is not None:
+            internal_kv._initialize_internal_kv(session_kv)
 
 
 def start_blind_node(address, directory):
