@@ -2,6 +2,7 @@
 one real deployment on the session's Ray cluster, shared by the module: the OpenAI client, batching,
 limits, cancellation, the Gradio page in headless Chromium, a replica killed, checkpoint roll-outs."""
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -462,14 +463,20 @@ WATCH_REPLY = """() => { window.replyLengths = [];
   .observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
 
 
-def test_gradio_page_streams_a_reply(served, tmp_path):
+@contextlib.contextmanager
+def chromium_page():
+    """A headless Chromium (the system's) and a page in it, for the chat page tests."""
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"no Chromium at {CHROMIUM}: the chat page test needs it (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox"] if os.geteuid() == 0 else [])
-        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        yield browser, browser.new_page(viewport={"width": 1000, "height": 900})
+
+
+def test_gradio_page_streams_a_reply(served, tmp_path):
+    with chromium_page() as (browser, page):
         page.goto(served.url + "/", wait_until="domcontentloaded")  # redirects to /ui/
         assert page.url.rstrip("/").endswith("/ui")
         box = page.get_by_role("textbox").first
@@ -595,13 +602,7 @@ def test_api_key_on_the_real_deployment_and_in_the_browser(served, tmp_path):
     answer = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
     want = greedy_text(served.model("v3"), served.tok, body["messages"], 12)[0]
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == want
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"no Chromium at {CHROMIUM}: the chat page test needs it (Debian: apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox"] if os.geteuid() == 0 else [])
-        page = browser.new_page(viewport={"width": 1000, "height": 900})
+    with chromium_page() as (browser, page):
         page.goto(served.url + "/ui/", wait_until="domcontentloaded")
         password = page.locator("input[type=password]")
         password.wait_for(timeout=60_000)  # a login form, not the chat
