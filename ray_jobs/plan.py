@@ -351,6 +351,8 @@ def main(args):
     overrides = {"base_train": {"device_batch_size": args.device_batch_size}} if args.device_batch_size else None
     plan = plan_run(args.preset, args.gpu_memory_gb, args.gpus_per_node, args.nodes, args.assumed_mfu, args.peak_tflops,
                     args.price_per_gpu_hour, args.keep_checkpoints, overrides)
+    if args.json:  # a saved plan says how to make it again
+        plan = {"command": " ".join(["python", "ray_jobs/plan.py", *sys.argv[1:]]), **plan}
     print(json.dumps(plan, default=str) if args.json else markdown(plan))
     return plan
 

@@ -40,6 +40,7 @@ class EngineReplica:
         specials = self.tokenizer.special_ids
         self.specials = set(specials.values())
         self.terminal = {specials["<|assistant_end|>"], specials["<|bos|>"]}
+        self.call_start, self.call_end = specials["<|python_start|>"], specials["<|python_end|>"]
         self.scheduler = Scheduler(model, self.tokenizer, max_batch, max_seq_len, prefill_chunk=prefill_chunk,
                                    prefix_cache_mb=prefix_cache_mb, cuda_graphs=cuda_graphs)
         self.reload_lock = asyncio.Lock()
@@ -58,7 +59,8 @@ class EngineReplica:
         """Stream one chat completion. request: {"messages": [...] (already validated by the ingress),
         "max_tokens", "temperature", "top_k", "seed"}. Yields, in order: {"prompt_tokens": n} once the
         prompt is accepted (or {"error": message, "status": http status} and nothing else), then
-        {"text": piece} as complete characters arrive (special tokens are not shown), then
+        {"text": piece} as complete characters arrive (special tokens and the calculator's input are not shown,
+        its result is), then
         {"finish_reason": "stop" | "length", "completion_tokens": n} — or {"error", "status"} on a timeout.
         Metrics: time to first token, the request's mean time per output token and its tokens (once each)."""
         t_start = time.perf_counter()
@@ -82,6 +84,7 @@ class EngineReplica:
         record("nanochat_serve_ttft_seconds", t_first - t_start, replica=self.replica)
         yield {"prompt_tokens": len(prompt)}
         text, count, finish = TextStream(self.tokenizer), 0, "length"
+        in_call = False  # inside <|python_start|> ... <|python_end|>: the model's calculator input
         try:
             chunk = first
             while chunk is not None:
@@ -91,7 +94,10 @@ class EngineReplica:
                         finish = "stop"
                         break
                     count += 1
-                    if token not in self.specials:  # tool-call markers are not part of the text
+                    if token == self.call_start or token == self.call_end:
+                        in_call = token == self.call_start
+                    # the answer's text: no tool-call markers nor the expression, but the tool's result
+                    elif token not in self.specials and not in_call:
                         pieces.append(text.push(token))
                 if "".join(pieces):
                     yield {"text": "".join(pieces)}

@@ -109,6 +109,7 @@ def metric_values(samples, name, **labels):
 
 DASHBOARD = REPO / "monitoring" / "grafana_nanochat.json"
 EVENT_COUNTERS = {"nanochat_train_restarts_total", "nanochat_rl_rollouts_refused_total", "nanochat_rl_actors_replaced_total"}
+GPU_ONLY = {"nanochat_train_mfu"}  # needs the GPU's peak FLOP/s: never reported on the CPU
 
 
 def dashboard_metrics():
@@ -121,8 +122,11 @@ def dashboard_metrics():
 
 
 def assert_dashboard_finds(samples, prefix):
-    """Every dashboard metric starting with `prefix` is in the scrape (event counters only once they counted)."""
+    """Every dashboard metric starting with `prefix` is in the scrape (event counters only once they counted;
+    on this CPU-only machine the GPU-only ones must be absent: no made-up MFU)."""
     import re
     scraped = {re.sub(r"^ray_|_(bucket|count|sum)$", "", name) for name, _, _ in samples}
-    missing = {m for m in dashboard_metrics() if m.startswith(prefix) and m not in EVENT_COUNTERS} - scraped
+    wanted = {m for m in dashboard_metrics() if m.startswith(prefix)}
+    missing = wanted - EVENT_COUNTERS - GPU_ONLY - scraped
     assert not missing, f"the dashboard queries {sorted(missing)}, which the scrape does not have"
+    assert not wanted & GPU_ONLY & scraped, "a GPU-only metric was reported on the CPU"

@@ -199,8 +199,11 @@ def test_sft_without_a_checkpoint_says_so(small_tokenizer):
         chat_sft.main(chat_sft.parser.parse_args(WORKER_FLAGS))
 
 
-def test_bad_batch_settings_are_refused_by_the_driver(chat_setup):
-    with pytest.raises(ValueError, match=r"--total-batch-size 1000 must be a multiple of device batch x T x workers = 2 x 128 x 2"):
+def test_bad_batch_settings_are_refused_by_the_driver(ray_cluster, chat_setup):  # the driver connects first
+    with pytest.raises(ValueError, match=r"--total-batch-size 1000 is not a multiple of T x workers = 128 x 2 for any device batch"):
         mid_train.main(mid_train.parser.parse_args(WORKER_FLAGS + ["--device-batch-size", "2", "--total-batch-size", "1000"]))
+    with pytest.raises(ValueError, match=r"--total-batch-size 1536 must be a multiple of device batch x T x workers = 4 x 128 x 2; "
+                                         r"device batches that divide it: 6, 3, 2, 1$"):
+        mid_train.main(mid_train.parser.parse_args(WORKER_FLAGS + ["--device-batch-size", "4", "--total-batch-size", "1536"]))
     with pytest.raises(ValueError, match=r"--examples-per-step 10 must be a multiple of device batch x workers = 2 x 2"):
         chat_sft.main(chat_sft.parser.parse_args(WORKER_FLAGS + ["--device-batch-size", "2", "--examples-per-step", "10"]))

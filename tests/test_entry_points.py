@@ -58,7 +58,8 @@ def test_corrupt_shard_and_missing_shards(places, mirror_dir):
 
 def test_impossible_batch_arithmetic(places, mirror_dir):
     message = one_line(run(["ray_jobs/base_train.py", "--preset", "tiny", "--total-batch-size", "1000"], places["with_tokenizer"], mirror_dir))
-    assert message == ("base_train: --total-batch-size 1000 must be a multiple of device batch x T x workers = 4 x 256 x 2")
+    # no device batch splits 1000 tokens into rows of 256 on 2 workers: the message says so, not "try another batch"
+    assert message == "base_train: --total-batch-size 1000 is not a multiple of T x workers = 256 x 2 for any device batch: make it one"
 
 
 def test_missing_checkpoint(places, mirror_dir):

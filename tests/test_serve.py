@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from conftest import assert_dashboard_finds, metric_values, scrape_metrics, wait_for_metrics
 from nanochat.checkpoint import build_model, checkpoint_dir
@@ -569,6 +570,48 @@ def test_rollout_by_broadcast_reload_fails_no_request(served):
     assert [i["checkpoint"]["path"].endswith("v2") for i in infos] == [True]
     assert load.failed == [] and load.ok > 4
     assert answer_is_from(served, "v2")
+
+
+TRAINED_CHATS = [
+    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]},
+    {"messages": [{"role": "user", "content": "What is 12*34?"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "Let me compute: "}, {"type": "python", "text": "12*34"},
+        {"type": "python_output", "text": "408"}, {"type": "text", "text": " Done."}]}]},
+]
+
+
+def test_a_trained_model_stops_and_its_tool_calls_stay_hidden(served):
+    """A tiny model trained to answer with <|assistant_end|> and to call the calculator: the API reports
+    finish_reason "stop" (not "length"), the client never sees a special-token marker, and the calculator's
+    result (which the model was never trained to write: tool outputs are out of the loss) reaches it."""
+    from tiny_checkpoint import save_memorized_chat_checkpoint
+    model = save_memorized_chat_checkpoint(checkpoint_dir("sft", "trained", served.base), served.tok,
+                                           tiny_config(served.tok), TRAINED_CHATS)
+    (info,) = served.engine().broadcast("reload", "sft/trained").results(timeout_s=120)
+    assert info["checkpoint"]["path"].endswith("trained")
+    hi = served.chat("Say hi.", temperature=0).json()
+    assert hi["choices"][0]["message"]["content"] == "Hi there!" and hi["choices"][0]["finish_reason"] == "stop"
+    assert hi["usage"]["completion_tokens"] == len(served.tok.encode("Hi there!"))  # the end token is not counted
+    # the same answer, streamed: the calculator's result in the text, no markers, finish "stop"
+    want, n = greedy_text(model, served.tok, TRAINED_CHATS[1]["messages"][:1], 40)  # the in-process Engine
+    assert "<|python_start|>12*34<|python_end|><|output_start|>408<|output_end|>" in want  # it called the tool
+    body = {"messages": TRAINED_CHATS[1]["messages"][:1], "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with requests.post(f"{served.url}/v1/chat/completions", json=body, stream=True, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == "Let me compute: 408 Done."
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "stop"
+    assert events[-1]["usage"]["completion_tokens"] == n  # markers and tool output count as generated tokens
+    # the 408 is the calculator's: without the engine's tool, the model itself goes on differently
+    prompt = served.tok.render_for_completion({"messages": [*TRAINED_CHATS[1]["messages"][:1], {"role": "assistant", "content": ""}]})
+    upto_call = served.tok.encode("Let me compute: ")
+    ids = prompt + upto_call + [served.tok.special_ids["<|python_start|>"], *served.tok.encode("12*34"),
+                                served.tok.special_ids["<|python_end|>"]]
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert "408" not in served.tok.decode(ids[-4:])
 
 
 def test_rollout_by_redeploy_fails_no_request(served):

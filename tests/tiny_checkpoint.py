@@ -25,3 +25,28 @@ def install(root, tokenizer):
     """Put the checkpoints under <root> and the tokenizer where the phase scripts look (this test's base dir)."""
     tokenizer.save(get_tokenizer_dir())
     shutil.copytree(root, get_base_dir() / "checkpoints", dirs_exist_ok=True)
+
+
+def save_memorized_chat_checkpoint(ckpt_dir, tokenizer, config, conversations, steps=200, seed=0):
+    """A tiny chat model *trained* (AdamW, the SFT loss mask: assistant text, tool calls and
+    <|assistant_end|>; never tool outputs) until it answers each conversation's first user turn with its
+    assistant turn, special tokens included. Saved as an sft checkpoint under ckpt_dir; returns the model."""
+    torch.manual_seed(seed)
+    model = create_model(config, "cpu")
+    rows = [tokenizer.render_conversation(c) for c in conversations]
+    width = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.full((len(rows), width), -1)
+    for r, (ids, mask) in enumerate(rows):
+        ids, mask = torch.tensor(ids), torch.tensor(mask)
+        inputs[r, :len(ids) - 1] = ids[:-1]
+        targets[r, :len(ids) - 1] = torch.where(mask[1:] == 1, ids[1:], -1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    save_checkpoint(ckpt_dir, steps, model, meta={"phase": "sft", "memorized": len(conversations)},
+                    tokenizer_fingerprint=tokenizer.fingerprint())
+    return model.eval()
