@@ -2,28 +2,26 @@
 -> chat_sft -> chat_eval of mid and of sft. Prints one JSON line: each phase's wall time and main numbers,
 and the chat evaluation tables (a tiny model on CPU: near chance is expected; every number is measured).
 
-    NANOCHAT_MIRROR=../shared/datasets NANOCHAT_BASE_DIR=/tmp/chat_tiny RAY_ADDRESS=local \\
-        python bench/chat_phases.py | tail -1 > bench/results/chat_phases_cpu-2core.json
-
-(Ray may print warnings on stdout too: the result is the last line.)
+    NANOCHAT_MIRROR=../shared/datasets NANOCHAT_BASE_DIR=<empty dir> RAY_ADDRESS=local \\
+        python bench/chat_phases.py --out bench/results/chat_phases_cpu-2core.json
 
 A tokenizer is trained first when the base dir has none (not counted in the phases' times).
 Extra flags after `--` go to every phase's parser, e.g. `-- --num-workers 2`.
 """
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import emit, machine_info  # noqa: E402
 
 parser = argparse.ArgumentParser(description="tiny base -> mid -> sft -> chat_eval, timed")
 parser.add_argument("--vocab-size", type=int, default=8192, help="tokenizer trained when the base dir has none")
 parser.add_argument("--tok-max-chars", type=int, default=20_000_000)
 parser.add_argument("--skip-base", action="store_true", help="reuse the base checkpoint already in the base dir")
+parser.add_argument("--out", default=None, help="also write the JSON line to this file")
 
 
 def timed(results, name, fn):
@@ -40,7 +38,6 @@ def training_numbers(summary):
 
 
 def main(args, extra):
-    from nanochat.common import get_base_dir
     from nanochat.tokenizer import get_tokenizer_dir
     from ray_jobs import base_train, chat_eval, chat_sft, mid_train, tok_train
     from ray_jobs.common import init_ray
@@ -51,7 +48,7 @@ def main(args, extra):
     if not any(get_tokenizer_dir().glob("*")):
         tok_train.main(tok_train.parser.parse_args(["--max-chars", str(args.tok_max_chars), "--vocab-size", str(args.vocab_size)]))
     resources = init_ray()
-    load_before = os.getloadavg()[0]
+    machine = {**machine_info(), "ray_cpus": resources.get("CPU")}
     phases = {}
     if not args.skip_base:
         timed(phases, "base_train", lambda: training_numbers(base_train.main(flags(base_train))))
@@ -59,17 +56,12 @@ def main(args, extra):
     timed(phases, "chat_eval_mid", lambda: {"results": chat_eval.main(flags(chat_eval, "--phase", "mid"))})
     timed(phases, "chat_sft", lambda: training_numbers(chat_sft.main(flags(chat_sft))))
     timed(phases, "chat_eval_sft", lambda: {"results": chat_eval.main(flags(chat_eval, "--phase", "sft"))})
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
-    import torch
     return {
-        "bench": "chat_phases", "preset": "tiny", "extra_flags": extra, "base_dir": str(get_base_dir()),
+        "bench": "chat_phases", "preset": "tiny", "extra_flags": extra,
         "settings": {"base_train": base_train.TINY, "mid_train": mid_train.TINY, "chat_sft": chat_sft.TINY, "chat_eval": chat_eval.TINY},
         "phases": phases,
         "chat_eval": {stage: phases[f"chat_eval_{stage}"]["results"] for stage in ("mid", "sft")},
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "ray_cpus": resources.get("CPU"), "torch": torch.__version__,
-                    "python": platform.python_version(), "loadavg_1m_start": round(load_before, 2),
-                    "loadavg_1m_end": round(os.getloadavg()[0], 2)},
+        "machine": machine,
     }
 
 
@@ -77,4 +69,5 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    print(json.dumps(main(parser.parse_args(own), extra)))
+    args = parser.parse_args(own)
+    emit(main(args, extra), args.out)

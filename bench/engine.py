@@ -25,7 +25,6 @@ Needs torch only (no ray): runs on a bare GPU box from a checkout.
 """
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ args = parser.parse_args()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, no install needed
 import torch  # noqa: E402
 
-from bench.common import NoStopTokenizer, emit  # noqa: E402
+from bench.common import NoStopTokenizer, emit, machine_info  # noqa: E402
 from nanochat.common import autodetect_device_type, gpu_specs  # noqa: E402
 from nanochat.engine import BatchDecoder, Engine, cast_for_inference  # noqa: E402
 from nanochat.gpt import GPTConfig, create_model  # noqa: E402
@@ -55,15 +54,7 @@ from nanochat.gpt import GPTConfig, create_model  # noqa: E402
 
 
 def machine(device):
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        return info
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")] if cpuinfo.is_file() else []
-    info.update(cpu=names[0] if names else platform.machine(), cores=len(os.sched_getaffinity(0)),
-                torch_threads=torch.get_num_threads(), loadavg_1m_start=round(os.getloadavg()[0], 2))
-    return info
+    return {**machine_info(), "device": device.type, "torch_threads": torch.get_num_threads()}
 
 
 def timed_stream(stream, device):
@@ -190,7 +181,6 @@ def main():
     # on a shared machine, how much CPU this process really got (1.0 per fully used core) says how far to
     # trust the absolute numbers; the ratios between peers, timed side by side, are the ones to keep
     result["machine"]["cpu_cores_used"] = round((sum(os.times()[:2]) - cpu0) / (time.perf_counter() - wall0), 2)
-    result["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     result["command"] = "python " + " ".join(sys.argv)
     emit(result, args.out)
 

@@ -35,14 +35,13 @@ parser.add_argument("--out", default=None, help="also write the JSON line to thi
 args = parser.parse_args()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
-from bench.common import emit  # noqa: E402
+from bench.common import emit, machine_info  # noqa: E402
 os.environ["NANOCHAT_BASE_DIR"] = args.base_dir or tempfile.mkdtemp(prefix="bench-rl-")
 import torch  # noqa: E402
 
 from nanochat.checkpoint import save_checkpoint  # noqa: E402
 from nanochat.common import setup_logging  # noqa: E402
 from nanochat.gpt import GPTConfig, create_model  # noqa: E402
-from nanochat.report import cpu_model  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir  # noqa: E402
 from ray_jobs import chat_rl  # noqa: E402
 from ray_jobs.common import init_ray  # noqa: E402
@@ -68,7 +67,7 @@ def prepare(base_dir):
 
 def main():
     setup_logging()
-    load_before = os.getloadavg()
+    machine = machine_info()  # the load average before the run (emit adds the one after)
     t0 = time.time()
     config = prepare(os.environ["NANOCHAT_BASE_DIR"])
     warmup_s = time.time() - t0
@@ -93,9 +92,7 @@ def main():
         "samples_per_step": args.examples_per_step * args.num_samples,
         "mean_reward_first": summary["results"]["mean_reward_first"], "mean_reward_last": summary["results"]["mean_reward_last"],
         "sft_warmup_s": round(warmup_s, 1), "rl_wall_s": summary["wall_seconds"],
-        "machine": {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-                    "ray": __import__("ray").__version__, "device": args.device,
-                    "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {**machine, "device": args.device},
     }
     emit(result, args.out)
 

@@ -2,7 +2,7 @@
 whole app (HTTP proxy -> ingress -> engine replica), continuous batching vs one request per replica at a
 time. Prints ONE JSON line.
 
-    python bench/serve.py --depth 4 --clients 1,8,32 > bench/results/serve_cpu-2core.json
+    python bench/serve.py --depth 4 --clients 1,8,32 --out bench/results/serve_cpu-2core.json
     python bench/serve.py --clients 32 --peers continuous,continuous_plain \\
         --out bench/results/serve_32_clients_cpu-2core.json
 
@@ -24,7 +24,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -49,10 +48,9 @@ args = parser.parse_args()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 import httpx  # noqa: E402
 
-from bench.common import emit  # noqa: E402
+from bench.common import emit, machine_info  # noqa: E402
 import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
 import ray  # noqa: E402
-import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
 from nanochat.checkpoint import checkpoint_dir  # noqa: E402
@@ -79,13 +77,7 @@ def byte_pair_tokenizer(vocab_size):
     return Tokenizer(ranks)
 
 
-def machine():
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return {"cpu": names[0] if names else platform.machine(), "cores": len(os.sched_getaffinity(0)),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "loadavg_1m_start": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__}
+
 
 
 async def one_request(client, url, i):
@@ -128,7 +120,7 @@ async def round_of(url, clients):
 
 
 def main():
-    info = machine()
+    info = machine_info()
     base = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
     tokenizer = byte_pair_tokenizer(args.vocab_size)
@@ -160,8 +152,7 @@ def main():
     first, *others = PEERS
     ratios = {f"{first}_vs_{other}_tokens_per_s": {n: round(results[first][n]["tokens_per_s"] / r["tokens_per_s"], 2)
                                                    for n, r in results[other].items()} for other in others}
-    info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-    emit({"bench": "serve", "command": "python " + " ".join(sys.argv), "depth": args.depth, "config": config.to_dict(),
+    emit({"bench": "serve", "depth": args.depth, "config": config.to_dict(),
           "max_tokens": args.max_tokens, "requests_per_client": args.requests, "max_batch": args.max_batch,
           "cpus_per_replica": args.cpus_per_replica, "peers": PEERS, "results": results, **ratios, "machine": info},
          args.out)

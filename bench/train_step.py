@@ -9,8 +9,6 @@ the peer measured in the same process, step for step in alternation; reported ti
 ratio is the number to trust on a noisy machine.
 """
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ parser.add_argument("--out", default=None, help="also write the JSON line to thi
 args = parser.parse_args()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, no install needed
-from bench.common import emit  # noqa: E402
+from bench.common import emit, machine_info  # noqa: E402
 import torch  # noqa: E402
 
 from nanochat.common import autodetect_device_type, gpu_specs  # noqa: E402
@@ -42,19 +40,7 @@ from nanochat.gpt import GPTConfig, create_model  # noqa: E402
 
 
 def machine(device):
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        cpu = platform.processor() or platform.machine()
-        if Path("/proc/cpuinfo").is_file():
-            names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-            cpu = names[0] if names else cpu
-        info["cpu"] = cpu
-        info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        info["torch_threads"] = torch.get_num_threads()
-        info["loadavg_1m"] = round(os.getloadavg()[0], 2)  # shared machines: other work skews absolute numbers
-    return info
+    return {**machine_info(), "device": device.type, "torch_threads": torch.get_num_threads()}
 
 
 def sync(device):
