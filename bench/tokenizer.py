@@ -4,7 +4,7 @@ Trains each on the same pretraining text at each vocab size and reports training
 bytes/token on the validation shard (all three encoded by tiktoken from their merges, with the
 same split pattern). Prints ONE JSON line.
 
-    NANOCHAT_MIRROR=../shared/datasets python bench/tokenizer.py [--max-chars 100000000]
+    NANOCHAT_MIRROR=../shared/datasets python bench/tokenizer.py --repeats 2 --out bench/results/tokenizer_cpu-2core.json
 
 Our rustbpe and PyPI's share a module name, so each trainer runs in its own process: ours
 under this interpreter, the peers under a venv that this script creates with uv under
@@ -16,7 +16,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ parser.add_argument("--repeats", type=int, default=1, help="runs per trainer and
 parser.add_argument("--pypi-rustbpe", default="0.1.0", help="version of the PyPI rustbpe wheel to compare with")
 parser.add_argument("--hf-tokenizers", default="0.23.3", help="version of HuggingFace tokenizers to compare with")
 # internal: run one training in this process and write its ranks
+parser.add_argument("--out", default=None, help="also write the JSON line to this file")
 parser.add_argument("--worker", choices=["rustbpe", "hf"], help=argparse.SUPPRESS)
 parser.add_argument("--texts", help=argparse.SUPPRESS)
 parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
@@ -182,20 +182,10 @@ def bytes_per_token(ranks, val_texts):
     return sum(len(t.encode("utf-8")) for t in val_texts) / n_tokens
 
 
-def machine_info():
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}  # other work on the machine skews wall times
-
-
 def main(args):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the driver side only: workers stay stdlib
+    from bench.common import emit, machine_info
+    machine = machine_info()  # the load average before the runs (emit adds the one after)
     mirror = os.environ.get("NANOCHAT_MIRROR")
     if not mirror:
         sys.exit("set NANOCHAT_MIRROR to the dataset mirror directory (the one holding pretrain/shard_*.parquet)")
@@ -237,14 +227,13 @@ def main(args):
     versions = {"tiktoken": package_version(sys.executable, "tiktoken")}
     if peer:
         versions.update(pypi_rustbpe=package_version(peer, "rustbpe"), hf_tokenizers=package_version(peer, "tokenizers"))
-    print(json.dumps({
+    emit({
         "bench": "tokenizer_training",
         "train_docs": len(texts), "train_chars": sum(map(len, texts)),
         "val_docs": len(val_texts), "val_chars": sum(map(len, val_texts)),
         "doc_chars_cap": args.doc_chars, "pattern": SPLIT_PATTERN,
-        "results": results, "versions": versions, "machine": machine_info(),
-        "command": "python bench/tokenizer.py " + " ".join(sys.argv[1:]),
-    }))
+        "results": results, "versions": versions, "machine": machine,
+    }, args.out)
 
 
 if __name__ == "__main__":

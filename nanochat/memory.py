@@ -206,7 +206,7 @@ def measure_peak_cpu(config: GPTConfig, batch: int, precision="fp32", steps: int
     from torch.distributed._tools.mem_tracker import MemTracker
     torch.manual_seed(seed)
     model = gpt.create_model(config, "cpu", precision=precision)
-    optimizers = model.setup_optimizers()
+    optimizers = model.setup_optimizers(ns_dtype=torch.bfloat16)  # as on the GPU the trace stands for
     idx = torch.randint(0, config.vocab_size, (batch, config.sequence_len))
     tracker = MemTracker()
     tracker.track_external(model, *optimizers)

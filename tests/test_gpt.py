@@ -57,6 +57,14 @@ def test_init_is_complete_and_deterministic():
     assert not torch.equal(a.transformer.wte.weight, b.transformer.wte.weight)
 
 
+def test_newton_schulz_runs_in_bf16_on_gpus_and_fp32_on_the_cpu():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    assert create_model(tiny_config(), "cpu").setup_optimizers()[1].ns_dtype == torch.float32
+    with FakeTensorMode(), torch.device("cuda"):  # a CUDA model without a GPU
+        assert GPT(tiny_config()).setup_optimizers()[1].ns_dtype == torch.bfloat16
+    assert create_model(tiny_config(), "cpu").setup_optimizers(ns_dtype=torch.bfloat16)[1].ns_dtype == torch.bfloat16
+
+
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = create_model(tiny_config(n_layer=1), "cpu")
