@@ -1,25 +1,25 @@
 """Benchmark the pretraining data path: tokens/s per CPU core from parquet shards to packed rows.
 
-Ours: the Ray Data pipeline of ray_jobs/data.py (read tasks -> tokenize+pack actors), consumed by the
-driver; tokens/s is wall-clock over the whole run (start-up included) divided by every CPU given to
-Ray. Peer: one plain Python process doing the same work over the same files (read a row group,
-tiktoken-encode each document, best-fit pack), per its one core. Prints ONE JSON line.
+Ours: one worker's Ray Data pipeline of ray_jobs/data.py (pieces of row groups -> a pool of
+tokenize+pack actors, each reading its pieces), consumed by the driver; tokens/s is wall-clock over the
+whole run (start-up included) divided by every CPU given to Ray. Peer: one plain Python process doing the
+same work over the same files (read a row group, tiktoken-encode each document, best-fit pack), per its
+one core. Prints ONE JSON line.
 
-    NANOCHAT_MIRROR=../shared/datasets python bench/data.py [--tokenizer-dir DIR] [--ray-cpus 2]
+    NANOCHAT_MIRROR=../shared/datasets python bench/data.py --out bench/results/data_cpu-2core.json
 
 Without --tokenizer-dir, a tokenizer (--vocab-size) is trained on the first --tok-train-chars of
 the first shard with nanochat.tokenizer (rustbpe).
 """
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import emit  # noqa: E402
+from bench.common import emit, machine_info  # noqa: E402
 import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -31,9 +31,8 @@ parser.add_argument("--passes", type=int, default=6, help="times over those shar
 parser.add_argument("--seq-len", type=int, default=2048)
 parser.add_argument("--ray-cpus", type=float, default=os.cpu_count(), help="logical CPUs given to Ray (all counted)")
 parser.add_argument("--num-actors", type=int, default=2, help="tokenize+pack actors")
-parser.add_argument("--actor-cpus", type=float, default=0.75)
-parser.add_argument("--read-cpus", type=float, default=0.25)
-parser.add_argument("--docs-per-batch", type=int, default=1024)
+parser.add_argument("--actor-cpus", type=float, default=1.0)
+parser.add_argument("--docs-per-piece", type=int, default=128, help="documents per piece (ray_jobs.data.DOCS_PER_PIECE)")
 parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating; the best counts (noisy machines)")
 parser.add_argument("--out", default=None, help="also write the JSON line to this file")
 
@@ -74,13 +73,12 @@ def run_peer(paths, tokenizer_dir, seq_len):
 
 def run_ray(paths, tokenizer_dir, args):
     import ray
-    from ray_jobs.data import build_pretrain_dataset
+    from ray_jobs.data import build_rank_dataset, pretrain_pieces
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.time()
-        ds = build_pretrain_dataset(tokenizer_dir, shard_paths=paths, seq_len=args.seq_len,
-                                    docs_per_batch=args.docs_per_batch, num_actors=args.num_actors,
-                                    actor_cpus=args.actor_cpus, read_cpus=args.read_cpus)
+        pieces = pretrain_pieces(paths, docs_per_piece=args.docs_per_piece)
+        ds = build_rank_dataset(pieces, tokenizer_dir, args.seq_len, num_actors=args.num_actors, actor_cpus=args.actor_cpus)
         rows, first = 0, None
         for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
             rows += len(block["tokens"])
@@ -91,20 +89,12 @@ def run_ray(paths, tokenizer_dir, args):
     return rows * (args.seq_len + 1), end - t0, first - t0
 
 
-def machine_info():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    import pyarrow
-    import ray
-    import tiktoken
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "ray": ray.__version__, "tiktoken": tiktoken.__version__,
-            "pyarrow": pyarrow.__version__, "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
-
-
 def main(args):
     from nanochat.dataset import list_shard_paths
     from nanochat.tokenizer import Tokenizer
-    info = machine_info()
+    import pyarrow
+    import tiktoken
+    info = {**machine_info(), "tiktoken": tiktoken.__version__, "pyarrow": pyarrow.__version__}
     paths = list_shard_paths("train")[: args.num_shards] * args.passes
     tokenizer_dir = get_tokenizer_dir(args)
     peer_runs, ray_runs = [], []
@@ -120,12 +110,11 @@ def main(args):
         "shards": [p.name for p in paths[: args.num_shards]], "passes": args.passes, "seq_len": args.seq_len, "vocab_size": Tokenizer.from_directory(tokenizer_dir).get_vocab_size(),
         "ray": {"tokens": ray_tokens, "wall_s": round(ray_s, 2), "first_rows_after_s": round(ray_startup_s, 2),
                 "ray_cpus": args.ray_cpus, "num_actors": args.num_actors, "actor_cpus": args.actor_cpus,
-                "read_cpus": args.read_cpus, "tokens_per_s_per_core": round(ours)},
+                "docs_per_piece": args.docs_per_piece, "tokens_per_s_per_core": round(ours)},
         "peer_single_process": {"tokens": peer_tokens, "wall_s": round(peer_s, 2), "cores": 1, "tokens_per_s_per_core": round(peer)},
         "repeats": args.repeats, "ratio_ours_vs_peer": round(ours / peer, 3), "target_tokens_per_s_per_core": 500_000,
         "machine": info,
     }
-    result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     emit(result, args.out)
 
 
