@@ -33,8 +33,12 @@ def timed(results, name, fn):
 
 
 def training_numbers(summary):
+    from nanochat.common import get_base_dir
     keys = ("status", "step", "num_iterations", "final_loss", "val_bpb", "tokens_trained", "train_seconds", "num_conversations", "source")
-    return {k: summary[k] for k in keys if k in summary}
+    numbers = {k: summary[k] for k in keys if k in summary}
+    if "source" in numbers:  # relative to the base dir: no machine's path in the record
+        numbers["source"] = numbers["source"].replace(f"{get_base_dir()}/", "")
+    return numbers
 
 
 def main(args, extra):
