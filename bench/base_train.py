@@ -11,7 +11,6 @@ state: the tokens of every step but the first over the time of those steps (the 
 A tokenizer is trained first when the base dir has none (not counted).
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,6 @@ def main(args):
             "steady_tokens_per_s": round((steps - 1) * tokens_per_step / summary["train_seconds"], 1),
             "final_loss": round(summary["final_loss"], 4), "val_bpb": summary["val_bpb"]}
         print(f"{workers} worker(s): {runs[list(runs)[-1]]}", file=sys.stderr, flush=True)
-    info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     result = {"bench": "base_train", "preset": "tiny", "settings": base_train.TINY, "runs": runs, "machine": info}
     emit(result, args.out)
 

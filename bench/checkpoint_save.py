@@ -65,11 +65,10 @@ def main(args):
             os.fsync(f.fileno())
         peer.append(time.perf_counter() - t0)
         (root / "raw.bin").unlink()
-    info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     emit({"bench": "checkpoint_save", "depth": args.depth, "vocab_size": args.vocab_size, "bytes": size,
           "save_checkpoint_s": [round(t, 2) for t in ours], "raw_write_s": [round(t, 2) for t in peer],
           "save_gb_per_s": round(size / min(ours) / 1e9, 3), "raw_gb_per_s": round(size / min(peer) / 1e9, 3),
-          "command": "python bench/checkpoint_save.py " + " ".join(sys.argv[1:]), "machine": info}, args.out)
+          "machine": info}, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ The tokenizer: --tokenizer-dir, or one trained here on the mirror's first shard 
 """
 import argparse
 import importlib.util
-import os
 import subprocess
 import sys
 import tempfile
@@ -115,7 +114,7 @@ def main():
         "previous_rev": args.previous_rev, "repeats": args.repeats, "seconds_all": seconds, "correct": correct,
         **{f"{name}_examples_per_s": round(num_examples / s, 2) for name, s in best.items()},
         **{f"speedup_vs_{name}": round(s / best["default"], 2) for name, s in best.items() if name != "default"},
-        "machine": {**machine, "torch_threads": torch.get_num_threads(), "loadavg_1m_end": round(os.getloadavg()[0], 2)},
+        "machine": {**machine, "torch_threads": torch.get_num_threads()},
     }
     emit(result, args.out)
 

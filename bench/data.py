@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import emit, machine_info  # noqa: E402
 import ray_jobs  # noqa: E402,F401 (before ray: the Ray settings every phase runs with)
+from ray_jobs.data import DOCS_PER_PIECE  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--tokenizer-dir", default=None, help="a saved nanochat tokenizer (default: train one)")
@@ -32,7 +33,7 @@ parser.add_argument("--seq-len", type=int, default=2048)
 parser.add_argument("--ray-cpus", type=float, default=os.cpu_count(), help="logical CPUs given to Ray (all counted)")
 parser.add_argument("--num-actors", type=int, default=2, help="tokenize+pack actors")
 parser.add_argument("--actor-cpus", type=float, default=1.0)
-parser.add_argument("--docs-per-piece", type=int, default=128, help="documents per piece (ray_jobs.data.DOCS_PER_PIECE)")
+parser.add_argument("--docs-per-piece", type=int, default=DOCS_PER_PIECE, help="documents per piece (the pipeline's default)")
 parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating; the best counts (noisy machines)")
 parser.add_argument("--out", default=None, help="also write the JSON line to this file")
 

@@ -181,7 +181,6 @@ def main():
     # on a shared machine, how much CPU this process really got (1.0 per fully used core) says how far to
     # trust the absolute numbers; the ratios between peers, timed side by side, are the ones to keep
     result["machine"]["cpu_cores_used"] = round((sum(os.times()[:2]) - cpu0) / (time.perf_counter() - wall0), 2)
-    result["command"] = "python " + " ".join(sys.argv)
     emit(result, args.out)
 
 

@@ -82,7 +82,7 @@ def main():
         "previous_rev": args.previous_rev, "current_rev": current_rev, "phase": args.phase,
         "base_eval_flags": f"--max-per-task {args.max_per_task}", "chat_eval_flags": f"--phase {args.phase} {args.chat_flags}",
         **results,
-        "machine": {**machine, "loadavg_1m_end": round(os.getloadavg()[0], 2)},
+        "machine": machine,
     }
     emit(result, args.out)
 

@@ -6,7 +6,6 @@ Prints ONE JSON line.
     python bench/memory.py [--depth 20] [--batch 32] [--out bench/results/memory_cpu-2core.json]
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,8 +46,6 @@ def main(args):
             row["planned_bytes"] = planned
             row["planned_vs_measured"] = round(planned / row["measured_bytes"], 3)
         result["calibration"] = rows
-    info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-    result["command"] = "python bench/memory.py " + " ".join(sys.argv[1:])
     result["machine"] = info
     emit(result, args.out)
 

@@ -7,7 +7,6 @@ tiny model on this machine (forward, backward, optimizer; the peer). Prints ONE 
 Serving's cost is measured end to end by bench/serve.py (peer continuous_no_metrics).
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -61,10 +60,9 @@ def main():
     per_step = ray.get(ray.remote(num_cpus=1)(metric_updates).remote(args.steps))
     ray.shutdown()
     step = train_step_seconds(args.train_steps)
-    emit({"bench": "metrics_cost", "command": " ".join(["python", "bench/metrics_cost.py", *sys.argv[1:]]),
-          "settings": vars(args), "metric_updates_per_step_us": round(per_step * 1e6, 1),
+    emit({"bench": "metrics_cost", "settings": vars(args), "metric_updates_per_step_us": round(per_step * 1e6, 1),
           "peer_tiny_train_step_ms": round(step * 1e3, 2), "metrics_share_of_step": round(per_step / step, 5),
-          "machine": {**info, "loadavg_1m_end": os.getloadavg()[0]}}, args.out)
+          "machine": info}, args.out)
 
 
 if __name__ == "__main__":

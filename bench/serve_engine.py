@@ -247,10 +247,9 @@ def main():
     torch.manual_seed(0)
     model = cast_for_inference(create_model(config, device))
     results = asyncio.run(scenarios(model, NoStopTokenizer(args.vocab_size)))
-    info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     info["cpu_cores_used"] = round((sum(os.times()[:2]) - cpu0) / (time.perf_counter() - wall0), 2)
     info["torch_threads"] = torch.get_num_threads()
-    result = {"bench": "serve_engine", "command": "python " + " ".join(sys.argv), "depth": args.depth,
+    result = {"bench": "serve_engine", "depth": args.depth,
               "config": config.to_dict(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
               "peers": {"cached": f"prefix cache {args.prefix_cache_mb:g} MB + chunked prefill",
                         "plain": "no prefix cache, whole prompts at once (the decoder before them)"},

@@ -57,7 +57,6 @@ def main(args):
     phases = {}
     for marker in sorted((base_dir / "runs" / "speedrun" / "phases").glob("*.done"), key=lambda p: p.stat().st_mtime):
         phases[marker.stem] = json.loads(marker.read_text()).get("wall_seconds")
-    info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     result = {"bench": "speedrun_fresh_clone", "command": command, "commit": commit, "returncode": rc,
               "setup_seconds": round(t1 - t0, 1), "speedrun_seconds": round(t2 - t1, 1), "total_seconds": round(t2 - t0, 1),
               "target_speedrun_seconds": TARGET_S, "phase_seconds": phases,

@@ -98,7 +98,6 @@ def main(args):
     ray.shutdown()
     tokens_per_step = args.batch * args.seq_len * args.grad_accum
     rates = {side: tokens_per_step / statistics.median(times) for side, times in sides.items()}
-    info["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     result = {"bench": "train_overhead", "settings": config, "tokens_per_step": tokens_per_step,
               "tokens_per_s": {k: round(v, 1) for k, v in rates.items()},
               "median_step_s": {k: round(statistics.median(v), 4) for k, v in sides.items()},
